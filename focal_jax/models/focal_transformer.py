@@ -1,0 +1,138 @@
+"""The Focal Transformer: patch embedding, four stages of focal blocks, classifier head."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from focal_jax.models.block import FocalTransformerBlock, stage_block_options
+from focal_jax.models.config import FocalConfig, check_image_size, make_config
+from focal_jax.models.layers import PatchEmbed, axes, dense, layer_norm, trunc_normal
+
+
+class FocalStage(nnx.Module):
+  """A stage (the official `BasicLayer`): `depth` blocks, then an optional downsample."""
+
+  def __init__(self, config: FocalConfig, stage: int, drop_path_rates: list[float],
+               rngs: nnx.Rngs):
+    dim = config.stage_dim(stage)
+    resolution = config.stage_resolution(stage)
+    pool_method = config.focal_pool if stage in config.focal_stages else "none"
+    blocks = []
+    for i in range(config.depths[stage]):
+      expand, shift = stage_block_options(i, config.window_size, config.expand_sizes[stage],
+                                          config.expand_layer, config.use_shift)
+      blocks.append(FocalTransformerBlock(
+          dim, resolution, config.num_heads[stage], window_size=config.window_size,
+          expand_size=expand, shift_size=shift, mlp_ratio=config.mlp_ratio,
+          qkv_bias=config.qkv_bias, qk_scale=config.qk_scale, drop=config.drop_rate,
+          attn_drop=config.attn_drop_rate, drop_path_rate=drop_path_rates[i],
+          pool_method=pool_method, focal_level=config.focal_levels[stage],
+          focal_window=config.focal_windows[stage], use_layerscale=config.use_layerscale,
+          layerscale_value=config.layerscale_value, dtype=config.dtype, rngs=rngs))
+    self.blocks = nnx.List(blocks)
+    self.remat = config.remat
+    if stage < config.num_layers - 1:
+      self.downsample = PatchEmbed(
+          dim, 2 * dim, patch_size=2, is_stem=False, use_conv_embed=config.use_conv_embed,
+          use_norm=True, use_pre_norm=config.use_pre_norm, dtype=config.dtype, rngs=rngs)
+    else:
+      self.downsample = None
+
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    """Runs the blocks on [B, H, W, C]; returns the stage map before downsampling."""
+    for block in self.blocks:
+      if self.remat:
+        x = nnx.remat(lambda blk, y: blk(y))(block, x)
+      else:
+        x = block(x)
+    return x
+
+
+class FocalTransformer(nnx.Module):
+  """Focal Transformer (Yang et al., 2021) for NHWC images.
+
+  `model(images)` gives logits [B, num_classes] (or pooled features when num_classes is
+  0); `model.forward_features(images)` gives the four stage maps (strides 4, 8, 16, 32)
+  for dense-prediction heads. Parameter names mirror the official PyTorch module tree.
+  """
+
+  def __init__(self, config: FocalConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    dtype = config.dtype
+    self.patch_embed = PatchEmbed(
+        config.in_chans, config.embed_dim, patch_size=config.patch_size, is_stem=True,
+        use_conv_embed=config.use_conv_embed, use_norm=config.patch_norm,
+        use_pre_norm=config.use_pre_norm, dtype=dtype, rngs=rngs)
+    if config.ape:
+      height, width = config.stage_resolution(0)
+      self.absolute_pos_embed = nnx.Param(
+          trunc_normal()(rngs.params(), (1, height * width, config.embed_dim)),
+          **axes(None, None, "embed"))
+    else:
+      self.absolute_pos_embed = None
+    self.pos_drop = nnx.Dropout(config.drop_rate, rngs=rngs)
+    rates = config.drop_path_rates()
+    layers = []
+    for stage in range(config.num_layers):
+      start = sum(config.depths[:stage])
+      layers.append(FocalStage(config, stage, rates[start:start + config.depths[stage]], rngs))
+    self.layers = nnx.List(layers)
+    self.norm = layer_norm(config.num_features, dtype=dtype, rngs=rngs)
+    self.head = (dense(config.num_features, config.num_classes, "embed", "classes",
+                       dtype=dtype, rngs=rngs) if config.num_classes > 0 else None)
+
+  def _check_input(self, images: jnp.ndarray) -> None:
+    config = self.config
+    if images.ndim != 4 or images.shape[-1] != config.in_chans:
+      raise ValueError(
+          f"Expected images of shape [batch, height, width, {config.in_chans}] (NHWC), got "
+          f"{tuple(images.shape)}. Convert NCHW arrays with x.transpose(0, 2, 3, 1).")
+    check_image_size(config, images.shape[1:3])
+    if config.ape and tuple(images.shape[1:3]) != config.img_size:
+      raise ValueError(
+          f"This model uses an absolute position embedding (ape=True) built for "
+          f"{config.img_size[0]}x{config.img_size[1]} inputs, got {images.shape[1]}x"
+          f"{images.shape[2]}. Build the model with img_size={tuple(images.shape[1:3])}.")
+
+  def forward_features(self, images: jnp.ndarray) -> list[jnp.ndarray]:
+    """Stage maps [B, H/s, W/s, C_i] for s = 4, 8, 16, 32 (before each downsample)."""
+    self._check_input(images)
+    x = self.patch_embed(images.astype(self.config.dtype))  # [B, H/4, W/4, C]
+    if self.absolute_pos_embed is not None:
+      batch, height, width, dim = x.shape
+      x = x + self.absolute_pos_embed[...].reshape(1, height, width, dim).astype(x.dtype)
+    x = self.pos_drop(x)
+    features = []
+    for layer in self.layers:
+      x = layer(x)
+      features.append(x)
+      if layer.downsample is not None:
+        x = layer.downsample(x)
+    return features
+
+  def forward_head(self, last_stage: jnp.ndarray) -> jnp.ndarray:
+    """Final LayerNorm, mean over tokens, linear classifier: [B, H, W, C] -> [B, classes]."""
+    pooled = self.norm(last_stage).astype(jnp.float32).mean(axis=(1, 2))  # [B, C]
+    if self.head is None:
+      return pooled
+    return self.head(pooled.astype(self.config.dtype)).astype(jnp.float32)
+
+  def __call__(self, images: jnp.ndarray) -> jnp.ndarray:
+    """Logits [B, num_classes] for normalised NHWC images [B, H, W, in_chans]."""
+    return self.forward_head(self.forward_features(images)[-1])
+
+
+def create_model(name: str | None = "focal_tiny", num_classes: int = 1000, img_size: Any = 224,
+                 seed: int = 0, **overrides: Any) -> FocalTransformer:
+  """Builds a Focal Transformer variant (see `VARIANTS`) with official-name overrides.
+
+  `img_size` decides the parameter structure exactly as the official constructor does;
+  the model still accepts other sizes (multiples of 32) at call time. Parameters are
+  created unsharded; their logical axis names are kept as `out_sharding` metadata.
+  """
+  config = make_config(name, num_classes=num_classes, img_size=img_size, **overrides)
+  with nnx.use_eager_sharding(False):
+    return FocalTransformer(config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Creates .venv with Python >= 3.12 and installs focal_jax with everything its tests need.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+find_python() {
+  for candidate in python3.12 python3.13 python3; do
+    if command -v "$candidate" >/dev/null 2>&1 &&
+       "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
+      echo "$candidate"; return 0
+    fi
+  done
+  # pyenv installs that are not the active version
+  for candidate in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.1[23]*/bin/python3; do
+    if [ -x "$candidate" ]; then echo "$candidate"; return 0; fi
+  done
+  echo "focal_jax needs Python 3.12 or newer (jax 0.12 and flax 0.12.12 require it); none found." >&2
+  return 1
+}
+
+if [ ! -x .venv/bin/python ]; then
+  "$(find_python)" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -r requirements.txt
+.venv/bin/python -m pip install --quiet --no-deps -e .
+echo "focal_jax is installed in .venv ($(.venv/bin/python --version))"

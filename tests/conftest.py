@@ -1,0 +1,35 @@
+"""Shared helpers for the tests: a small Focal Transformer that compiles fast on 2 cores."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax
+import numpy as np
+import pytest
+
+# Narrow and shallow but structurally complete: at img_size 224 the stage grids are
+# 56/28/14/7, so stages 1-3 have rings and pooled levels and stage 4 falls back to one
+# window, exactly as in the full-size variants.
+SMALL = dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), focal_levels=(2, 2, 2, 2),
+             expand_sizes=(3, 3, 3, 3), focal_windows=(7, 5, 3, 1), window_size=7,
+             drop_path_rate=0.1)
+
+
+@pytest.fixture
+def small_kwargs():
+  return dict(SMALL)
+
+
+def images(batch=2, height=224, width=224, seed=0):
+  return np.random.default_rng(seed).standard_normal((batch, height, width, 3)).astype(np.float32)
+
+
+def walk_primitives(jaxpr):
+  """All primitive names in a closed jaxpr, nested jaxprs included."""
+  names = []
+  for eqn in jaxpr.eqns:
+    names.append(eqn.primitive.name)
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      names.extend(walk_primitives(sub))
+  return names
