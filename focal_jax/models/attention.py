@@ -75,14 +75,14 @@ class FocalWindowAttention(nnx.Module):
     ws, area, heads = self.window_size, self.window_size**2, self.num_heads
     exact = jax.lax.Precision.HIGHEST  # one-hot products must copy table entries exactly
     one_hot = index_tables.one_hot_index((ws, ws), (ws, ws))  # [area*area, table]
-    table = self.relative_position_bias_table[...].astype(jnp.float32)
+    table = self.relative_position_bias_table[...]
     parts = [jnp.dot(one_hot, table, precision=exact).reshape(area, area, heads).transpose(2, 0, 1)]
     if self.expand_size > 0:
-      parts.append(self.relative_position_bias_table_to_neighbors[...][0].astype(jnp.float32))
+      parts.append(self.relative_position_bias_table_to_neighbors[...][0])
     for level, table_k in enumerate(self.relative_position_bias_table_to_windows):
       side = self.focal_window + 2**level - 1
       one_hot = index_tables.one_hot_index((ws, ws), (side, side))  # [area*keys, table]
-      bias = jnp.dot(one_hot, table_k[...].astype(jnp.float32).T, precision=exact)
+      bias = jnp.dot(one_hot, table_k[...].T, precision=exact)
       parts.append(bias.reshape(area, side * side, heads).transpose(2, 0, 1))
     return jnp.concatenate(parts, axis=-1)
 
@@ -130,7 +130,9 @@ class FocalWindowAttention(nnx.Module):
 
     logits = jnp.einsum("bxyqhd,bxykhd->bxyhqk", q, k)  # [B, nWh, nWw, nH, ws*ws, keys]
     mask = self.static_mask((n_rows, n_cols), shift_mask)[:, :, None]  # [nWh, nWw, 1, *, keys]
-    logits = logits.astype(jnp.float32) + (self.position_bias() + mask)
+    # Biases, masks and softmax in float32 at least, also for bfloat16 activations.
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    logits = logits + (self.position_bias() + mask)
     attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     attn = self.attn_drop(attn)
     out = jnp.einsum("bxyhqk,bxykhd->bxyqhd", attn, v)  # [B, nWh, nWw, ws*ws, nH, hd]

@@ -115,10 +115,12 @@ class FocalTransformer(nnx.Module):
 
   def forward_head(self, last_stage: jnp.ndarray) -> jnp.ndarray:
     """Final LayerNorm, mean over tokens, linear classifier: [B, H, W, C] -> [B, classes]."""
-    pooled = self.norm(last_stage).astype(jnp.float32).mean(axis=(1, 2))  # [B, C]
+    features = self.norm(last_stage)
+    wide = jnp.promote_types(features.dtype, jnp.float32)  # float32 outputs for bfloat16 runs
+    pooled = features.astype(wide).mean(axis=(1, 2))  # [B, C]
     if self.head is None:
       return pooled
-    return self.head(pooled.astype(self.config.dtype)).astype(jnp.float32)
+    return self.head(pooled.astype(self.config.dtype)).astype(wide)
 
   def __call__(self, images: jnp.ndarray) -> jnp.ndarray:
     """Logits [B, num_classes] for normalised NHWC images [B, H, W, in_chans]."""

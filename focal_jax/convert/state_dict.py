@@ -1,0 +1,135 @@
+"""Weights both ways between an NNX FocalTransformer and the official PyTorch state_dict."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+
+from focal_jax.convert.names import Entry, official_entries
+from focal_jax.models.focal_transformer import FocalTransformer, create_model
+
+
+def _param_at(params: Any, path: tuple) -> nnx.Variable:
+  node = params
+  for part in path:
+    node = node[part]
+  return node
+
+
+def to_torch_state_dict(model: FocalTransformer) -> dict[str, np.ndarray]:
+  """Every official state_dict key (buffers included) as NumPy arrays, official layouts.
+
+  Parameters are float32, index buffers int64, the shift mask float32, so the result
+  loads into the official model (or `focal_jax.convert.reference`) with strict=True
+  once each array is wrapped with `torch.from_numpy`.
+  """
+  params = nnx.state(model, nnx.Param)
+  result = {}
+  for entry in official_entries(model):
+    if entry.buffer is not None:
+      result[entry.key] = np.array(entry.buffer)
+    else:
+      value = np.asarray(jax.device_get(_param_at(params, entry.path)[...]), dtype=np.float32)
+      result[entry.key] = np.ascontiguousarray(entry.to_torch(value))
+  return result
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+  if hasattr(value, "detach"):  # a torch.Tensor, without importing torch here
+    value = value.detach().cpu()
+    if str(value.dtype) == "torch.bfloat16":
+      value = value.float()
+    return value.numpy()
+  return np.asarray(value)
+
+
+def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
+  """Accepts a bare state_dict or the official `{'model': state_dict, ...}` wrapper."""
+  if "model" in checkpoint and isinstance(checkpoint["model"], Mapping):
+    return checkpoint["model"]
+  return checkpoint
+
+
+class StateDictMismatch(ValueError):
+  """A state_dict that does not fit the requested variant."""
+
+
+def check_state_dict(state_dict: Mapping[str, Any], entries: list[Entry], variant: str) -> None:
+  """Raises StateDictMismatch listing missing, unexpected, mis-shaped and altered keys."""
+  expected = {e.key: e for e in entries}
+  missing = [k for k in expected if k not in state_dict]
+  unexpected = [k for k in state_dict if k not in expected]
+  wrong_shape, wrong_buffer = [], []
+  for key, entry in expected.items():
+    if key not in state_dict:
+      continue
+    shape = tuple(np.shape(state_dict[key]))
+    if entry.buffer is not None:
+      if shape != entry.buffer.shape:
+        wrong_shape.append(f"{key}: got {shape}, expected {entry.buffer.shape}")
+      elif not np.array_equal(_to_numpy(state_dict[key]), entry.buffer):
+        wrong_buffer.append(key)
+  if not (missing or unexpected or wrong_shape or wrong_buffer):
+    return
+  lines = [f"The state_dict does not match {variant}."]
+  for title, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                      ("wrongly shaped keys", wrong_shape),
+                      ("buffers whose values differ (another img_size or option?)", wrong_buffer)):
+    if keys:
+      shown = "\n    ".join(keys[:30]) + (f"\n    ... and {len(keys) - 30} more" if len(keys) > 30 else "")
+      lines.append(f"  {len(keys)} {title}:\n    {shown}")
+  lines.append("Pass the variant, img_size and options the checkpoint was trained with "
+               "(e.g. use_conv_embed=True, focal_levels=[3, 3, 3, 3]).")
+  raise StateDictMismatch("\n".join(lines))
+
+
+def _check_param_shapes(state_dict: Mapping[str, Any], entries: list[Entry], params: Any,
+                        variant: str) -> None:
+  wrong = []
+  for entry in entries:
+    if entry.buffer is not None:
+      continue
+    target = _param_at(params, entry.path)[...].shape
+    got = tuple(np.shape(state_dict[entry.key]))
+    official = tuple(entry.to_torch(np.empty(target, np.float32)).shape)
+    if got != official:
+      wrong.append(f"{entry.key}: got {got}, expected {official}")
+  if wrong:
+    raise StateDictMismatch(
+        f"The state_dict does not match {variant}.\n  {len(wrong)} wrongly shaped keys:\n    "
+        + "\n    ".join(wrong[:30]) + "\nPass the variant and options the checkpoint was trained with.")
+
+
+def load_state_dict(model: FocalTransformer, state_dict: Mapping[str, Any],
+                    variant: str = "the model") -> FocalTransformer:
+  """Copies an official state_dict into `model` in place (strict: every key must fit)."""
+  state_dict = unwrap_state_dict(state_dict)
+  entries = official_entries(model)
+  check_state_dict(state_dict, entries, variant)
+  params = nnx.state(model, nnx.Param)
+  _check_param_shapes(state_dict, entries, params, variant)
+  for entry in entries:
+    if entry.buffer is None:
+      variable = _param_at(params, entry.path)
+      value = entry.from_torch(_to_numpy(state_dict[entry.key]).astype(np.float32))
+      variable[...] = np.ascontiguousarray(value)
+  nnx.update(model, params)
+  return model
+
+
+def from_torch_state_dict(state_dict: Mapping[str, Any], name: str | None = "focal_tiny",
+                          img_size: Any = 224, **overrides: Any) -> FocalTransformer:
+  """Builds the variant `name` (with official-name overrides) holding the given weights.
+
+  `num_classes` is read from the head unless given. Raises StateDictMismatch, listing
+  missing, unexpected and wrongly shaped keys, when the weights belong to another model.
+  """
+  state_dict = unwrap_state_dict(state_dict)
+  if "num_classes" not in overrides:
+    overrides["num_classes"] = int(np.shape(state_dict["head.weight"])[0]) if "head.weight" in state_dict else 0
+  model = create_model(name, img_size=img_size, **overrides)
+  label = name or "the configured model"
+  return load_state_dict(model, state_dict, f"{label} (img_size={img_size}, options={overrides})")
