@@ -16,9 +16,23 @@ SMALL = dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), focal_le
              drop_path_rate=0.1)
 
 
-@pytest.fixture
-def small_kwargs():
-  return dict(SMALL)
+# The official options, one case each (tests add their own cases on top).
+OFFICIAL_OPTIONS = {
+    "levels_1": dict(focal_levels=(1, 1, 1, 1)),
+    "levels_3": dict(focal_levels=(3, 3, 3, 3)),
+    "pool_conv": dict(focal_pool="conv"),
+    "pool_mean": dict(focal_pool="mean"),
+    "pool_max": dict(focal_pool="max"),
+    "pool_none": dict(focal_pool="none"),
+    "expand_even": dict(expand_layer="even"),
+    "expand_odd": dict(expand_layer="odd"),
+    "shift": dict(use_shift=True),
+    "layerscale": dict(use_layerscale=True, layerscale_value=0.1),
+    "pre_norm": dict(use_pre_norm=True),
+    "ape": dict(ape=True),
+    "no_patch_norm": dict(patch_norm=False),
+    "conv_embed": dict(use_conv_embed=True),
+}
 
 
 def images(batch=2, height=224, width=224, seed=0):

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 import focal_jax
-from conftest import SMALL, images
+from conftest import OFFICIAL_OPTIONS, SMALL, images
 
 
 def param_count(model):
@@ -123,22 +123,9 @@ def test_gradients_are_finite_and_reach_every_parameter():
 
 
 OPTIONS = {
-    "levels_1": dict(focal_levels=(1, 1, 1, 1)),
-    "levels_3": dict(focal_levels=(3, 3, 3, 3)),
-    "pool_conv": dict(focal_pool="conv"),
-    "pool_mean": dict(focal_pool="mean"),
-    "pool_max": dict(focal_pool="max"),
-    "pool_none": dict(focal_pool="none"),
-    "expand_even": dict(expand_layer="even"),
-    "expand_odd": dict(expand_layer="odd"),
+    **OFFICIAL_OPTIONS,
     "focal_stages_01": dict(focal_stages=(0, 1)),
     "expand_stages_ignored": dict(expand_stages=(0,)),
-    "shift": dict(use_shift=True),
-    "layerscale": dict(use_layerscale=True, layerscale_value=0.1),
-    "pre_norm": dict(use_pre_norm=True),
-    "ape": dict(ape=True),
-    "no_patch_norm": dict(patch_norm=False),
-    "conv_embed": dict(use_conv_embed=True),
     "qk_scale": dict(qk_scale=0.25),
     "no_qkv_bias": dict(qkv_bias=False),
     "bfloat16": dict(dtype=jnp.bfloat16),

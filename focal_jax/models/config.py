@@ -161,6 +161,10 @@ def validate(config: FocalConfig) -> None:
                        f"{dim} (embed_dim={config.embed_dim} * 2**{stage}). Choose heads that divide it.")
     if config.focal_levels[stage] not in (1, 2, 3):
       raise ValueError(f"focal_levels[{stage}]={config.focal_levels[stage]}; expected 1, 2 or 3.")
+    pooled = config.focal_levels[stage] > 1 and config.focal_pool != "none" and stage in config.focal_stages
+    if pooled and config.focal_windows[stage] % 2 == 0:
+      raise ValueError(f"focal_windows[{stage}]={config.focal_windows[stage]} is even; pooled focal "
+                       "levels need an odd focal window (the official code fails on even ones).")
   if config.focal_pool not in FOCAL_POOLS:
     raise ValueError(f"focal_pool={config.focal_pool!r}; expected one of {FOCAL_POOLS}.")
   if config.expand_layer not in EXPAND_LAYERS:

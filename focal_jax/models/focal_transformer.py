@@ -65,7 +65,7 @@ class FocalTransformer(nnx.Module):
     self.patch_embed = PatchEmbed(
         config.in_chans, config.embed_dim, patch_size=config.patch_size, is_stem=True,
         use_conv_embed=config.use_conv_embed, use_norm=config.patch_norm,
-        use_pre_norm=config.use_pre_norm, dtype=dtype, rngs=rngs)
+        use_pre_norm=False, dtype=dtype, rngs=rngs)  # officially only downsamples pre-norm
     if config.ape:
       height, width = config.stage_resolution(0)
       self.absolute_pos_embed = nnx.Param(

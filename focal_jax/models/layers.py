@@ -16,6 +16,11 @@ from flax import nnx
 LAYER_NORM_EPS = 1e-5  # PyTorch's default, used throughout the official model
 
 
+def gelu(x: jnp.ndarray) -> jnp.ndarray:
+  """The exact (erf) GELU of PyTorch's nn.GELU(), not the tanh approximation."""
+  return jax.nn.gelu(x, approximate=False)
+
+
 def trunc_normal(std: float = 0.02):
   """Normal(0, std) truncated at +-2 absolute, as timm's `trunc_normal_` defaults."""
 
@@ -80,7 +85,7 @@ class Mlp(nnx.Module):
     self.drop = nnx.Dropout(drop, rngs=rngs)
 
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    x = jax.nn.gelu(self.fc1(x), approximate=False)
+    x = gelu(self.fc1(x))
     x = self.drop(x)
     return self.drop(self.fc2(x))
 
@@ -90,7 +95,8 @@ class PatchEmbed(nnx.Module):
 
   Stem: Conv(patch, stride patch), or with `use_conv_embed` Conv(7x7, stride 4, pad 2).
   Downsample: Conv(2x2, stride 2), or with `use_conv_embed` Conv(3x3, stride 2, pad 1).
-  Optional GroupNorm(1 group) before the conv (`use_pre_norm`), LayerNorm after.
+  Optional GroupNorm(1 group) before the conv (`use_pre_norm`, downsamples only, as
+  officially), LayerNorm after.
   """
 
   def __init__(self, in_chans: int, embed_dim: int, *, patch_size: int, is_stem: bool,

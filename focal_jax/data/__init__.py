@@ -1,0 +1,39 @@
+"""Input pipelines: TFDS datasets -> augmented, per-process NumPy batches; mixup/cutmix.
+
+    builder = get_builder("imagenet2012", data_dir)        # or "focal_digits" (no download)
+    batches = train_iterator(builder, global_batch_size=1024, config=AugmentConfig(), seed=0)
+    eval_ds, n = create_eval_dataset(builder, split="validation", global_batch_size=1024)
+    images, targets = mixup_cutmix(key, batch["image"], batch["label"], num_classes(builder))
+"""
+
+from focal_jax.data.augment import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AugmentConfig,
+    eval_transform,
+    random_erasing,
+    random_resized_crop_window,
+    train_transform,
+)
+from focal_jax.data.digits import FocalDigits
+from focal_jax.data.input_pipeline import (
+    IMAGENET_MANUAL_FILES,
+    ManualDownloadError,
+    create_eval_dataset,
+    create_train_dataset,
+    get_builder,
+    local_batch_size,
+    num_classes,
+    train_iterator,
+    train_steps_per_epoch,
+)
+from focal_jax.data.mixup import MixupConfig, mixup_cutmix
+from focal_jax.data.randaugment import RandAugment
+
+__all__ = [
+    "IMAGENET_MANUAL_FILES", "IMAGENET_MEAN", "IMAGENET_STD", "AugmentConfig", "FocalDigits",
+    "ManualDownloadError", "MixupConfig", "RandAugment", "create_eval_dataset",
+    "create_train_dataset", "eval_transform", "get_builder", "local_batch_size", "mixup_cutmix",
+    "num_classes", "random_erasing", "random_resized_crop_window", "train_iterator",
+    "train_steps_per_epoch", "train_transform",
+]

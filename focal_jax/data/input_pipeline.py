@@ -1,0 +1,284 @@
+"""tf.data input pipelines over TFDS datasets (`imagenet2012`, `focal_digits`, any image
+classification dataset with `image` and `label` features).
+
+Each process reads only its share of a split (`tfds.even_splits` by process index/count) and
+yields NumPy batches of its local batch size (global batch / process count):
+  {"image": float32 [B, S, S, 3] NHWC, normalised; "label": int32 [B]}  (+ "mask" for eval).
+
+Training is one endless, deterministic pipeline that resumes exactly. Epoch `e` of process
+`p` is a pure function of (seed, p, e): records are read in file order (TFDS shuffles
+examples globally when it writes a dataset), shuffled through a buffer seeded with a key
+derived from (seed, p, e), and the example at position `i` of that epoch is augmented with
+the stateless seed (key, i). Each epoch ends at steps_per_epoch * B examples (the last
+partial batch is dropped, like PyTorch's drop_last=True), so global step `s` is batch
+s % steps_per_epoch of epoch s // steps_per_epoch. Resuming at step `s` starts the pipeline
+at that epoch and skips the records before the batch, without decoding them (it reads at
+most one epoch of records): the batches that follow are bit-identical to an uninterrupted
+run's. Across epochs the order changes only as far as the shuffle buffer reaches, so give
+ImageNet a large `shuffle_buffer` (memory: about 110 kB per buffered JPEG).
+
+`imagenet2012` is prepared from the two manual tar files on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable, Iterator
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from focal_jax.data import digits  # noqa: F401  (registers `focal_digits` with TFDS)
+from focal_jax.data.augment import AugmentConfig, eval_transform, train_transform
+
+IMAGENET_MANUAL_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+
+
+class ManualDownloadError(FileNotFoundError):
+  """The files a manual-download dataset (ImageNet) is prepared from are not there."""
+
+
+# ----------------------------------------------------------------------------------------
+# Builders and preparation.
+# ----------------------------------------------------------------------------------------
+
+
+def _hide_accelerators_from_tf() -> None:
+  """TF is only the input pipeline: keep it off GPUs so it never grabs JAX's memory."""
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except (RuntimeError, ValueError):  # Already initialised; nothing we can change then.
+    pass
+
+
+def default_manual_dir(builder: tfds.core.DatasetBuilder) -> str:
+  """TFDS's default manual directory: `<data_dir>/downloads/manual`."""
+  return os.fspath(builder.data_dir_root / "downloads" / "manual")
+
+
+def check_imagenet_manual_files(manual_dir: str) -> None:
+  """Raises ManualDownloadError naming both ImageNet tars and where they belong."""
+  missing = [f for f in IMAGENET_MANUAL_FILES
+             if not tf.io.gfile.exists(os.path.join(manual_dir, f))]
+  if missing:
+    raise ManualDownloadError(
+        f"imagenet2012 is not prepared and cannot be built: {', '.join(missing)} not found "
+        f"in {manual_dir}.\nExpected both {IMAGENET_MANUAL_FILES[0]} and "
+        f"{IMAGENET_MANUAL_FILES[1]} in {manual_dir} (the manual directory, by default "
+        "<data_dir>/downloads/manual). Download them from https://image-net.org/download-images "
+        "(registration required), put them there (or pass manual_dir=...), and run again; "
+        "the first run converts them to TFDS records (hours for the full dataset).")
+
+
+def get_builder(name: str, data_dir: str | None = None, *, manual_dir: str | None = None,
+                prepare: bool = True) -> tfds.core.DatasetBuilder:
+  """Returns the TFDS builder of `name`, prepared (built into `data_dir`) unless told not to.
+
+  `imagenet2012` is built from `ILSVRC2012_img_train.tar` and `ILSVRC2012_img_val.tar` in
+  `manual_dir` (default `<data_dir>/downloads/manual`); `focal_digits` needs nothing. With
+  several processes, process 0 prepares while the others wait; a process that still finds
+  the dataset unprepared afterwards (data_dir not shared) prepares its own copy. Call it
+  after `jax.distributed.initialize()`: it asks JAX for the process index and count.
+  """
+  _hide_accelerators_from_tf()
+  builder = tfds.builder(name, data_dir=data_dir)
+  if not prepare or builder.is_prepared():
+    return builder
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    if jax.process_index() == 0:
+      _prepare(builder, manual_dir)
+    multihost_utils.sync_global_devices(f"focal_jax prepare {name}")
+    builder = tfds.builder(name, data_dir=data_dir)
+    if builder.is_prepared():
+      return builder
+  _prepare(builder, manual_dir)
+  return builder
+
+
+def _prepare(builder: tfds.core.DatasetBuilder, manual_dir: str | None) -> None:
+  manual_dir = manual_dir or default_manual_dir(builder)
+  if builder.name == "imagenet2012":
+    check_imagenet_manual_files(manual_dir)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=manual_dir, try_download_gcs=False))
+
+
+# ----------------------------------------------------------------------------------------
+# Splits and sizes.
+# ----------------------------------------------------------------------------------------
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if not 0 <= index < count:
+    raise ValueError(f"process_index must be in [0, {count}), got {index}.")
+  return index, count
+
+
+def local_batch_size(global_batch_size: int, process_count: int | None = None) -> int:
+  count = jax.process_count() if process_count is None else process_count
+  if global_batch_size % count:
+    raise ValueError(f"Global batch size {global_batch_size} is not divisible by the "
+                     f"process count {count}; choose a multiple of {count}.")
+  return global_batch_size // count
+
+
+def _split_size(builder: tfds.core.DatasetBuilder, split: str) -> int:
+  """Number of examples in a (sub)split; counts the dataset when the metadata cannot tell
+  (e.g. under tfds.testing.mock_data)."""
+  try:
+    size = builder.info.splits[split].num_examples
+  except (KeyError, ValueError):
+    size = 0
+  if size > 0:
+    return int(size)
+  cardinality = int(builder.as_dataset(split=split).cardinality())
+  if cardinality < 0:
+    raise ValueError(f"Cannot determine the size of split {split!r} of {builder.name}.")
+  return cardinality
+
+
+def train_split_for_process(split: str, process_index: int, process_count: int) -> str:
+  """Equal-sized shares (remainder dropped) so every process has the same epoch length."""
+  return tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
+
+
+def train_steps_per_epoch(builder: tfds.core.DatasetBuilder, split: str, global_batch_size: int,
+                          process_count: int | None = None) -> int:
+  """Steps in one epoch: (examples per process) // (local batch size)."""
+  _, count = _process(0, process_count)
+  local = local_batch_size(global_batch_size, count)
+  steps = _split_size(builder, train_split_for_process(split, 0, count)) // local
+  if steps == 0:
+    raise ValueError(f"Split {split!r} of {builder.name} has fewer examples per process than "
+                     f"the local batch size {local}; lower the batch size.")
+  return steps
+
+
+def _epoch_key(seed: int, process_index: int, epoch: tf.Tensor) -> tf.Tensor:
+  """int64 key, a stable hash of (seed, process, epoch): seeds the shuffle and augmentation."""
+  pair = tf.random.experimental.stateless_fold_in(  # [hash(seed, process), epoch]
+      tf.constant([seed, process_index], tf.int64), tf.cast(epoch, tf.int64))
+  key = tf.random.stateless_uniform([], pair, minval=None, maxval=None, dtype=tf.int64)
+  return tf.bitwise.bitwise_and(key, np.iinfo(np.int64).max)  # non-negative
+
+
+@functools.cache
+def _traced_train_transform(config: AugmentConfig) -> Callable[..., tf.Tensor]:
+  """train_transform traced once per config: later pipelines reuse the graph (~1 s each)."""
+  return tf.function(lambda image_bytes, seed: train_transform(image_bytes, seed, config))
+
+
+@functools.cache
+def _traced_eval_transform(config: AugmentConfig) -> Callable[..., tf.Tensor]:
+  return tf.function(lambda image_bytes: eval_transform(image_bytes, config))
+
+
+def _options(threads: int | None) -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  if threads:
+    options.threading.private_threadpool_size = threads
+  return options
+
+
+# ----------------------------------------------------------------------------------------
+# Pipelines.
+# ----------------------------------------------------------------------------------------
+
+
+def create_train_dataset(
+    builder: tfds.core.DatasetBuilder, *, split: str = "train", global_batch_size: int,
+    config: AugmentConfig = AugmentConfig(), seed: int = 0, start_step: int = 0,
+    shuffle_buffer: int = 10_000, process_index: int | None = None,
+    process_count: int | None = None, threads: int | None = None,
+) -> tf.data.Dataset:
+  """Endless training batches of this process's share, starting at global step `start_step`.
+
+  Deterministic in (seed, process_index); a pipeline created with start_step=s yields exactly
+  the batches s, s+1, ... of one created with start_step=0.
+  """
+  _hide_accelerators_from_tf()
+  index, count = _process(process_index, process_count)
+  local = local_batch_size(global_batch_size, count)
+  steps = train_steps_per_epoch(builder, split, global_batch_size, count)
+  start_epoch, within = divmod(start_step, steps)
+  # Records in file order (TFDS shuffled them globally when it wrote the files).
+  records = builder.as_dataset(
+      split=train_split_for_process(split, index, count), shuffle_files=False,
+      decoders={"image": tfds.decode.SkipDecoding()},
+      read_config=tfds.ReadConfig(try_autocache=False))
+  records = records.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
+
+  def _epoch(epoch):  # -> (key, position, example) for the steps * local examples of an epoch
+    key = _epoch_key(seed, index, epoch)
+    shuffled = records.shuffle(shuffle_buffer, seed=key, reshuffle_each_iteration=False)
+    shuffled = shuffled.take(steps * local).enumerate()  # drop the last partial batch
+    return shuffled.map(lambda position, example: (key, position, example))
+
+  ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(_epoch)
+  ds = ds.skip(within * local)  # skipped records are read, never decoded
+
+  transform = _traced_train_transform(config)
+
+  def _augment(key, position, example):
+    example_seed = tf.stack([key, position])
+    return {"image": transform(example["image"], example_seed),
+            "label": tf.cast(example["label"], tf.int32)}
+
+  ds = ds.map(_augment, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(local, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(threads))
+
+
+def train_iterator(builder: tfds.core.DatasetBuilder, **kwargs) -> Iterator[dict[str, np.ndarray]]:
+  """NumPy batches of `create_train_dataset(builder, **kwargs)`."""
+  return create_train_dataset(builder, **kwargs).as_numpy_iterator()
+
+
+def create_eval_dataset(
+    builder: tfds.core.DatasetBuilder, *, split: str = "validation", global_batch_size: int,
+    config: AugmentConfig = AugmentConfig(), process_index: int | None = None,
+    process_count: int | None = None, threads: int | None = None,
+) -> tuple[tf.data.Dataset, int]:
+  """This process's share of an eval split, in order, padded; returns (dataset, num_batches).
+
+  Every process yields the same number of batches (so collective steps line up); padding
+  examples are zero images with label 0 and "mask" False. Real examples have mask True.
+  """
+  _hide_accelerators_from_tf()
+  index, count = _process(process_index, process_count)
+  local = local_batch_size(global_batch_size, count)
+  shares = tfds.even_splits(split, n=count, drop_remainder=False)
+  largest = _split_size(builder, shares[0])  # even_splits puts the remainder first
+  own = largest if index == 0 else _split_size(builder, shares[index])
+  num_batches = math.ceil(largest / local)
+  ds = builder.as_dataset(split=shares[index], shuffle_files=False,
+                          decoders={"image": tfds.decode.SkipDecoding()})
+
+  transform = _traced_eval_transform(config)
+
+  def _preprocess(example):
+    return {"image": transform(example["image"]),
+            "label": tf.cast(example["label"], tf.int32), "mask": tf.constant(True)}
+
+  ds = ds.map(_preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  padding = num_batches * local - own
+  if padding:
+    size = config.image_size
+    pad = {"image": tf.zeros([size, size, 3], tf.float32), "label": tf.constant(0, tf.int32),
+           "mask": tf.constant(False)}
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(padding))
+  ds = ds.batch(local, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(threads)), num_batches
+
+
+def num_classes(builder: tfds.core.DatasetBuilder) -> int:
+  return builder.info.features["label"].num_classes
