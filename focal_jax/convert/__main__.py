@@ -1,0 +1,113 @@
+"""Command line: move weights between focal_jax checkpoints and the official format.
+
+  python -m focal_jax.convert to-torch   --model NAME --checkpoint CKPT --output out.pth
+  python -m focal_jax.convert from-torch --model NAME --checkpoint in.pth --output CKPT_DIR
+
+CKPT is a training workdir (its latest checkpoint; `--ema` takes the EMA parameters) or a
+parameter export (a directory with model.json and params/). `.safetensors` works wherever
+`.pth` does, without PyTorch. Official-name options (`--set use_conv_embed=True`) and
+`--img-size` describe the PyTorch model for from-torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import sys
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from focal_jax.convert import files
+from focal_jax.convert.state_dict import from_torch_state_dict, to_torch_state_dict
+from focal_jax.models import VARIANTS
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+  if "=" not in text:
+    raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE with an official option name, got {text!r}")
+  key, value = text.split("=", 1)
+  try:
+    return key, ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return key, value
+
+
+def load_checkpoint_model(path: str, ema: bool = False):
+  """(model, description) from a training workdir or a parameter export."""
+  from focal_jax.training import checkpoint as ckpt  # orbax formats live with training
+
+  if ckpt.is_export(path):
+    return ckpt.load_exported_model(path), ckpt.read_description(path)
+  directory = os.path.join(path, "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(
+        f"{path!r} is neither a training workdir (no checkpoints/ inside) nor a parameter "
+        "export (model.json and params/). Pass the --workdir of a training run or an export.")
+  return ckpt.load_workdir_model(path, ema=ema)
+
+
+def to_torch(args: argparse.Namespace) -> None:
+  model, description = load_checkpoint_model(args.checkpoint, ema=args.ema)
+  saved = description.get("model")
+  if args.model and saved and args.model != saved:
+    raise SystemExit(f"error: {args.checkpoint} holds a {saved} model, not {args.model}; "
+                     f"pass --model {saved}.")
+  state_dict = to_torch_state_dict(model)
+  files.save_weights_file(state_dict, args.output)
+  print(f"wrote {len(state_dict)} entries ({sum(v.size for v in state_dict.values()):,} values) "
+        f"of {saved or 'the model'} to {args.output}")
+
+
+def from_torch(args: argparse.Namespace) -> None:
+  from focal_jax.training import checkpoint as ckpt
+
+  if os.path.exists(args.output) and os.listdir(args.output) and not args.overwrite:
+    raise SystemExit(f"error: {args.output} exists and is not empty; choose a new directory "
+                     "or pass --overwrite.")
+  state_dict = files.load_weights_file(args.checkpoint)
+  overrides = dict(args.set or [])
+  img_size = args.img_size[0] if len(args.img_size) == 1 else tuple(args.img_size)
+  model = from_torch_state_dict(state_dict, args.model, img_size=img_size, **overrides)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  description = ckpt.model_description(args.model, model.config.num_classes, img_size,
+                                       {k: list(v) if isinstance(v, tuple) else v
+                                        for k, v in overrides.items()})
+  ckpt.export_params(args.output, params, description)
+  count = sum(np.size(v) for v in jax.tree.leaves(params))
+  print(f"wrote {count:,} parameters of {args.model} to {args.output}")
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(prog="python -m focal_jax.convert",
+                                   description=__doc__.splitlines()[0])
+  commands = parser.add_subparsers(dest="command", required=True)
+  out = commands.add_parser("to-torch", help="focal_jax checkpoint -> official .pth/.safetensors")
+  out.add_argument("--model", choices=sorted(VARIANTS), help="expected variant (checked)")
+  out.add_argument("--checkpoint", required=True, help="training workdir or parameter export")
+  out.add_argument("--output", required=True, help="out.pth or out.safetensors")
+  out.add_argument("--ema", action="store_true", help="export the EMA parameters of a workdir")
+  out.set_defaults(run=to_torch)
+  into = commands.add_parser("from-torch", help="official .pth/.safetensors -> parameter export")
+  into.add_argument("--model", required=True, choices=sorted(VARIANTS))
+  into.add_argument("--checkpoint", required=True, help="in.pth or in.safetensors")
+  into.add_argument("--output", required=True, help="directory for the parameter export")
+  into.add_argument("--img-size", type=int, nargs="+", default=[224],
+                    help="size the PyTorch model was built for: one value, or height width")
+  into.add_argument("--set", type=_parse_override, action="append", metavar="KEY=VALUE",
+                    help="official constructor option, e.g. --set focal_levels=[3,3,3,3]")
+  into.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
+  into.set_defaults(run=from_torch)
+  args = parser.parse_args(argv)
+  try:
+    args.run(args)
+  except (ValueError, FileNotFoundError) as error:
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+  main()
