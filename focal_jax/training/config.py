@@ -1,0 +1,170 @@
+"""The training configuration: every key, its default (the official ImageNet recipe for
+Focal-T, SPEC section 4) and the checks that run before anything expensive starts.
+
+`configs/*.py` start from `default_config()` and override values; a key that is not here is
+a mistake (usually a typo) and `validate_config` says so at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import ml_collections
+
+import focal_jax
+
+MODES = ("train", "eval")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """All training keys with the official Focal-T / ImageNet-1K recipe as defaults."""
+  c = ml_collections.ConfigDict()
+  c.mode = "train"  # "train", or "eval": evaluate `checkpoint_path` (default: latest in workdir)
+  c.checkpoint_path = ""  # eval mode: a checkpoint step dir, a checkpoints dir or an export dir
+  c.seed = 0  # model init, dropout / stochastic depth, mixup, data order and augmentation
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "focal_tiny"  # a variant of focal_jax.VARIANTS, or "" for overrides only
+  # Official constructor arguments (SPEC section 1) on top of the variant's values.
+  c.model.overrides = ml_collections.ConfigDict({"drop_path_rate": 0.2})
+  c.dtype = "float32"  # activation / compute dtype; parameters and optimiser stay float32
+
+  c.dataset = "imagenet2012"  # any TFDS image classification dataset; "focal_digits" is built in
+  c.data_dir = ""  # TFDS data dir ("" = TFDS default, ~/tensorflow_datasets)
+  c.manual_dir = ""  # imagenet2012 tars ("" = <data_dir>/downloads/manual)
+  c.train_split = "train"
+  c.eval_split = "validation"
+  c.image_size = 224
+  c.shuffle_buffer = 10_000
+  c.data_threads = 0  # tf.data private threads per pipeline (0 = TF default)
+
+  # Augmentation (focal_jax.data.AugmentConfig fields).
+  c.augment = ml_collections.ConfigDict()
+  c.augment.crop_scale = (0.08, 1.0)
+  c.augment.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
+  c.augment.hflip = 0.5
+  c.augment.randaugment = "rand-m9-mstd0.5-inc1"  # "" disables it
+  c.augment.reprob = 0.25
+  c.augment.remode = "pixel"
+  c.augment.recount = 1
+  c.augment.crop_pct = 0.875  # eval: resize short side to image_size / crop_pct, centre crop
+
+  # Mixup / CutMix with label smoothing (timm mode "batch"), applied inside the train step.
+  c.mixup = ml_collections.ConfigDict()
+  c.mixup.mixup_alpha = 0.8
+  c.mixup.cutmix_alpha = 1.0
+  c.mixup.prob = 1.0
+  c.mixup.switch_prob = 0.5
+  c.mixup.label_smoothing = 0.1
+  # Examples mixed together with one draw (timm mixes each GPU's batch: 128 officially).
+  # The global batch is cut into groups of this size, independent of the device count.
+  c.mixup.group_size = 128
+
+  c.batch_size = 1024  # global batch per optimiser step (all devices, all processes)
+  c.eval_batch_size = 0  # 0 = batch_size; rounded up to a multiple of the device count
+  c.grad_accum_steps = 1  # the batch is processed in this many sequential micro-batches
+  c.num_epochs = 300.0
+  c.num_train_steps = -1  # > 0 overrides num_epochs
+  c.warmup_epochs = 20.0
+
+  # AdamW; learning rates are for a global batch of `lr_base_batch_size` and scale linearly.
+  c.base_lr = 5e-4
+  c.warmup_lr = 5e-7
+  c.min_lr = 5e-6
+  c.lr_base_batch_size = 512
+  c.weight_decay = 0.05
+  c.adam_b1 = 0.9
+  c.adam_b2 = 0.999
+  c.adam_eps = 1e-8
+  c.grad_clip_norm = 5.0  # global norm; <= 0 disables clipping
+  c.ema_decay = 0.0  # > 0 keeps an exponential moving average of the parameters (also evaluated)
+
+  # Devices: a ('data', 'fsdp') mesh; -1 takes the remaining devices. FSDP shards parameters
+  # and optimiser state by the logical-axis rules in focal_jax.training.sharding.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+
+  # Multi-host: jax.distributed.initialize() before anything else (auto-detected on TPU
+  # pods and SLURM / Open MPI; give the coordinator explicitly elsewhere).
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.enabled = False
+  c.distributed.coordinator_address = ""
+  c.distributed.num_processes = 0
+  c.distributed.process_id = -1
+
+  c.log_every_steps = 50
+  c.eval_every_steps = 0  # 0 = once per epoch; the end of training is always evaluated
+  c.eval_steps = -1  # > 0 evaluates only this many batches (quick looks; not exact)
+  c.checkpoint_every_steps = 1000  # and always at the end
+  c.keep_checkpoints = 3  # keep the last K; 0 keeps all
+  c.export_params = True  # write <workdir>/export (parameters + model.json) at the end
+  return c
+
+
+def _known_keys(config: ml_collections.ConfigDict, prefix: str = "") -> set[str]:
+  keys = set()
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    keys.add(name)
+    if isinstance(value, ml_collections.ConfigDict) and name != "model.overrides":
+      keys |= _known_keys(value, name + ".")
+  return keys
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError for unknown keys, an unknown variant, a bad mode or batch setup."""
+  known = _known_keys(default_config())
+  given = _known_keys(config)
+  unknown = sorted(given - known)
+  if unknown:
+    hints = []
+    for key in unknown:
+      close = difflib.get_close_matches(key, sorted(known), n=1)
+      hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise ValueError(
+        f"Unknown config key(s): {', '.join(hints)}. Every key, with its meaning, is listed in "
+        "focal_jax/training/config.py (default_config); model options go under "
+        "model.overrides with the official constructor names.")
+  name = config.model.name
+  if name and name not in focal_jax.VARIANTS:
+    raise ValueError(f"Unknown model variant model.name={name!r}. Expected one of: "
+                     f"{', '.join(focal_jax.VARIANTS)} (or '' to build from model.overrides).")
+  if config.mode not in MODES:
+    raise ValueError(f"mode={config.mode!r}; expected one of {MODES}.")
+  if config.dtype not in DTYPES:
+    raise ValueError(f"dtype={config.dtype!r}; expected one of {DTYPES}.")
+  if config.batch_size <= 0:
+    raise ValueError(f"batch_size must be positive, got {config.batch_size}.")
+  if config.grad_accum_steps < 1 or config.batch_size % config.grad_accum_steps:
+    raise ValueError(
+        f"grad_accum_steps={config.grad_accum_steps} must be >= 1 and divide batch_size="
+        f"{config.batch_size} (the global batch is split into that many micro-batches).")
+  mixup_group_size(config)
+  if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    raise ValueError("Set num_epochs > 0 or num_train_steps > 0.")
+  # Build the model config now: unknown options, bad heads or image sizes fail here.
+  focal_jax.make_config(name or None, img_size=config.image_size, **model_overrides(config))
+
+
+def mixup_group_size(config: ml_collections.ConfigDict) -> int:
+  """Examples per mixup draw in a micro-batch; raises if the groups cannot tile it."""
+  micro = config.batch_size // config.grad_accum_steps
+  group = min(config.mixup.group_size, micro) if config.mixup.group_size > 0 else micro
+  mixing = config.mixup.prob > 0 and (config.mixup.mixup_alpha > 0 or config.mixup.cutmix_alpha > 0)
+  if mixing and (micro % group or group % 2):
+    raise ValueError(
+        f"mixup.group_size={config.mixup.group_size} must be even and divide the micro-batch "
+        f"{micro} (batch_size={config.batch_size} / grad_accum_steps="
+        f"{config.grad_accum_steps}); got groups of {group}. Pick an even divisor.")
+  return group
+
+
+def model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """model.overrides as plain Python values (lists become tuples)."""
+  overrides = {}
+  for key, value in config.model.overrides.items():
+    overrides[key] = tuple(value) if isinstance(value, list) else value
+  return overrides

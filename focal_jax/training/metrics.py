@@ -1,0 +1,117 @@
+"""Where metrics go: metrics.jsonl, TensorBoard event files, a PNG of the curves, the log.
+
+Only process 0 writes. Every record is one JSON object per line with "step"; training
+records carry train/loss, train/lr, train/grad_norm, train/img_per_sec, evaluation records
+eval/top1, eval/top5, eval/loss and eval/examples.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+
+from focal_jax.training.tensorboard import ScalarWriter
+
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "training_curves.png"
+TENSORBOARD_DIR = "tensorboard"
+
+
+class MetricWriter:
+  """Appends records to `<workdir>/metrics.jsonl` and to TensorBoard event files."""
+
+  def __init__(self, workdir: str, resume_step: int | None = None):
+    self.workdir = workdir
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self.active = jax.process_index() == 0
+    self._tb = None
+    if not self.active:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    if resume_step is not None:
+      self._drop_after(resume_step)
+    self._tb = ScalarWriter(os.path.join(workdir, TENSORBOARD_DIR))
+
+  def _drop_after(self, step: int) -> None:
+    """A (re)started run repeats the steps after its checkpoint (all of them without one):
+    forget their old records."""
+    records = read_metrics(self.workdir)
+    with open(self.path, "w") as f:
+      for record in records:
+        if record["step"] <= step:
+          f.write(json.dumps(record) + "\n")
+
+  def write(self, step: int, metrics: dict[str, Any]) -> None:
+    if not self.active:
+      return
+    record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._tb is not None:
+      self._tb.write(step, {k: float(v) for k, v in record.items()
+                            if k != "step" and isinstance(v, (int, float))})
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+def _plain(value: Any) -> Any:
+  if hasattr(value, "item"):
+    return value.item()
+  return value
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(workdir: str) -> str | None:
+  """Draws training loss, learning rate and eval top-1/top-5 against step into a PNG."""
+  if jax.process_index() != 0:
+    return None
+  try:
+    import matplotlib  # noqa: PLC0415
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+  except ImportError:
+    logging.warning("matplotlib is not installed: no %s (pip install matplotlib).", CURVES_FILE)
+    return None
+  records = read_metrics(workdir)
+  train = [r for r in records if "train/loss" in r]
+  evals = [r for r in records if "eval/top1" in r]
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  axes[0].plot([r["step"] for r in train], [r["train/loss"] for r in train])
+  axes[0].set(title="training loss", xlabel="step")
+  axes[1].plot([r["step"] for r in train], [r["train/lr"] for r in train])
+  axes[1].set(title="learning rate", xlabel="step")
+  for key in ("eval/top1", "eval/top5", "eval_ema/top1"):
+    points = [(r["step"], r[key]) for r in records if key in r]
+    if points:
+      axes[2].plot(*zip(*points), marker="o", label=key)
+  axes[2].set(title="evaluation accuracy (%)", xlabel="step")
+  if evals:
+    axes[2].legend()
+  fig.tight_layout()
+  path = os.path.join(workdir, CURVES_FILE)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def progress_line(step: int, total: int, loss: float, lr: float, images_per_sec: float,
+                  seconds_per_step: float) -> str:
+  """'step 120/2000  loss 1.2345  lr 3.10e-04  85.2 img/s  ETA 0:05:31'."""
+  eta = datetime.timedelta(seconds=int(max(total - step, 0) * seconds_per_step))
+  return (f"step {step}/{total}  loss {loss:.4f}  lr {lr:.2e}  {images_per_sec:.1f} img/s  "
+          f"ETA {eta}")

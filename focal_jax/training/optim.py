@@ -1,0 +1,112 @@
+"""The official optimiser: AdamW, linearly scaled learning rates, warmup + cosine per step,
+weight decay masked as `set_weight_decay` does officially, global-norm clipping; and a
+parameter EMA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+# The official model's `no_weight_decay()` and `no_weight_decay_keywords()`.
+NO_DECAY_NAMES = frozenset({"absolute_pos_embed"})
+NO_DECAY_KEYWORDS = ("relative_position_bias_table", "relative_position_bias_table_to_neighbors",
+                     "relative_position_bias_table_to_windows")
+
+
+@dataclasses.dataclass(frozen=True)
+class LearningRates:
+  """Peak, warmup-start and final learning rates after linear batch scaling."""
+
+  peak: float
+  warmup: float
+  minimum: float
+
+
+def scaled_learning_rates(config: ml_collections.ConfigDict) -> LearningRates:
+  """lr = base * global_batch / lr_base_batch_size, likewise warmup and min (official rule).
+
+  `batch_size` is the examples per optimiser step (accumulated micro-batches included), as
+  the official code multiplies by the accumulation steps too.
+  """
+  factor = config.batch_size / config.lr_base_batch_size
+  return LearningRates(config.base_lr * factor, config.warmup_lr * factor, config.min_lr * factor)
+
+
+def lr_schedule(rates: LearningRates, warmup_steps: int, total_steps: int) -> optax.Schedule:
+  """timm's CosineLRScheduler as the official code configures it (per step, no prefix).
+
+  Steps [0, warmup): linear from `rates.warmup` towards `rates.peak`. Steps >= warmup:
+  min + (peak - min) * (1 + cos(pi * step / total)) / 2, with the cosine measured from step
+  0 (so it is slightly below the peak when warmup ends); `rates.minimum` from `total` on.
+  """
+  total = max(int(total_steps), 1)
+  warmup = int(warmup_steps)
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    ramp = rates.warmup + step * (rates.peak - rates.warmup) / max(warmup, 1)
+    progress = jnp.minimum(step, total) / total
+    cosine = rates.minimum + 0.5 * (rates.peak - rates.minimum) * (1.0 + jnp.cos(jnp.pi * progress))
+    return jnp.where(step < warmup, ramp, cosine)
+
+  return schedule
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+  """('layers', 0, 'attn', 'qkv', 'bias') -> 'layers.0.attn.qkv.bias' (the torch-style name)."""
+  parts = []
+  for entry in path:
+    for attr in ("key", "idx", "name"):
+      if hasattr(entry, attr):
+        parts.append(str(getattr(entry, attr)))
+        break
+    else:
+      parts.append(str(entry))
+  return ".".join(parts)
+
+
+def decays(name: str, shape: tuple[int, ...]) -> bool:
+  """The official rule: no decay for 1-D tensors, biases, the skip list and keyword matches."""
+  if len(shape) == 1 or name.endswith(".bias") or name in NO_DECAY_NAMES:
+    return False
+  return not any(keyword in name for keyword in NO_DECAY_KEYWORDS)
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """A tree of bools like `params` (pure dict of arrays): True where weight decay applies."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: decays(_path_name(path), tuple(leaf.shape)), params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule
+                   ) -> optax.GradientTransformation:
+  """Global-norm clip, then AdamW with masked decoupled weight decay (torch.optim.AdamW's)."""
+  parts = []
+  if config.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
+  parts.append(optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+                           weight_decay=config.weight_decay, mask=weight_decay_mask))
+  return optax.chain(*parts)
+
+
+def ema_update(ema_params: Any, params: Any, decay: float) -> Any:
+  """ema <- decay * ema + (1 - decay) * params."""
+  return optax.incremental_update(params, ema_params, step_size=1.0 - decay)
+
+
+def schedule_fn(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
+                ) -> optax.Schedule:
+  """The learning-rate schedule of a run: warmup_epochs of steps, cosine to total_steps."""
+  warmup = int(round(config.warmup_epochs * steps_per_epoch))
+  return lr_schedule(scaled_learning_rates(config), min(warmup, total_steps), total_steps)
+
+
+__all__ = [
+    "LearningRates", "NO_DECAY_KEYWORDS", "NO_DECAY_NAMES", "decays", "ema_update",
+    "lr_schedule", "make_optimizer", "scaled_learning_rates", "schedule_fn", "weight_decay_mask"]
