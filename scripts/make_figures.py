@@ -1,0 +1,151 @@
+"""Regenerates the README pictures in docs/.
+
+  python scripts/make_figures.py                       # all figures; trains the demo (~3 min, CPU)
+  python scripts/make_figures.py --metrics WORKDIR     # training curve of an existing run
+  python scripts/make_figures.py --only attention      # attention + receptive fields only (seconds)
+
+docs/attention.png         what one query token of Focal-T attends to (stage 1 in the image
+                           interior, and at the image border where the ring wraps around;
+                           stage 3 where the ring covers most of the 14x14 grid)
+docs/receptive_fields.png  the region each focal level covers, per stage
+docs/training_curve.png    loss, learning rate and eval top-1 / top-5 of a short run of
+                           configs/demo.py on the built-in focal_digits dataset
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import focal_jax  # noqa: E402
+from focal_jax import viz  # noqa: E402
+
+# (stage, query pixel (row, col)) of each row of the attention figure.
+ATTENTION_QUERIES = ((0, (118, 142)), (0, (6, 10)), (2, (40, 190)))
+
+
+def save_png(fig, path: str, dpi: int = 80) -> None:
+  """Saves `fig` as a 256-colour PNG (a photo in a figure would otherwise take megabytes)."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=dpi)
+  plt.close(fig)
+  Image.open(buffer).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(
+      path, optimize=True)
+
+
+def sample_image(size: int = 224) -> np.ndarray:
+  """scikit-learn's 'china.jpg' (a real photo shipped with the package), centre-cropped to a
+  square and resized to `size` x `size`: uint8 [size, size, 3]."""
+  from sklearn.datasets import load_sample_image
+
+  photo = load_sample_image("china.jpg")  # [427, 640, 3]
+  height, width = photo.shape[:2]
+  side = min(height, width)
+  top, left = (height - side) // 2, (width - side) // 2
+  square = Image.fromarray(photo[top:top + side, left:left + side])
+  return np.asarray(square.resize((size, size), Image.BICUBIC))
+
+
+def attention_figure(path: str) -> None:
+  # Geometry only: an abstract Focal-T (no parameters allocated) has every attribute needed.
+  model = nnx.eval_shape(lambda: focal_jax.create_model("focal_tiny", img_size=224))
+  image = sample_image(224)
+  keys = [viz.focal_keys(model, stage, 0, query) for stage, query in ATTENTION_QUERIES]
+  panels = max(len(k.groups) + 1 for k in keys)
+  fig, axes = plt.subplots(len(keys), panels, figsize=(3.3 * panels, 3.9 * len(keys)),
+                           squeeze=False)
+  for row, k in zip(axes, keys):
+    viz.plot_focal_attention(image, k, axes=row[:len(k.groups) + 1])
+    for ax in row[len(k.groups) + 1:]:
+      ax.axis("off")
+  fig.suptitle("Focal-T at 224x224: the keys of one query token (star) at each focal level\n"
+               "hatched: ring keys the cyclic roll takes from the opposite border; masked: pooled "
+               "keys in the unfold's zero padding", fontsize=11)
+  fig.tight_layout(rect=(0, 0, 1, 0.97))
+  save_png(fig, path)
+
+
+def receptive_field_figure(path: str) -> None:
+  model = nnx.eval_shape(lambda: focal_jax.create_model("focal_tiny", img_size=224))
+  save_png(viz.plot_receptive_fields(model), path)
+
+
+def demo_config(steps: int):
+  """configs/demo.py, shortened to `steps` steps with evaluations along the way."""
+  spec = importlib.util.spec_from_file_location("demo_config", os.path.join(ROOT, "configs",
+                                                                            "demo.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.num_train_steps = steps
+  config.log_every_steps = max(1, steps // 30)
+  config.eval_every_steps = max(1, steps // 10)
+  config.checkpoint_every_steps = 0  # the end only
+  return config
+
+
+def training_figure(path: str, metrics: str | None, steps: int, workdir: str | None,
+                    data_dir: str | None) -> None:
+  if metrics is None:
+    from focal_jax.training import train_and_evaluate
+
+    workdir = workdir or tempfile.mkdtemp(prefix="focal_demo_")
+    config = demo_config(steps)
+    if data_dir:
+      config.data_dir = data_dir
+    start = time.time()
+    print(f"training configs/demo.py for {steps} steps in {workdir} ...", flush=True)
+    train_and_evaluate(config, workdir)
+    print(f"trained in {time.time() - start:.0f} s", flush=True)
+    metrics = workdir
+  records = viz.read_metrics(metrics)
+  final = [r for r in records if "eval/top1" in r]
+  title = "configs/demo.py on focal_digits (CPU)"
+  if final:
+    title += f": eval top-1 {final[-1]['eval/top1']:.1f}% after {final[-1]['step']} steps"
+  save_png(viz.plot_training_curves(records, title=title), path)
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--out", default=os.path.join(ROOT, "docs"), help="output directory")
+  parser.add_argument("--only", choices=("attention", "curve"), help="one group of figures")
+  parser.add_argument("--metrics", help="a metrics.jsonl (or its workdir) to plot instead of "
+                      "training the demo")
+  parser.add_argument("--steps", type=int, default=330, help="demo training steps (default 330, "
+                      "15 epochs, about 3 minutes on 2 CPU cores)")
+  parser.add_argument("--workdir", help="workdir of the demo run (default: a temporary one)")
+  parser.add_argument("--data-dir", help="TFDS data dir (default: TFDS's)")
+  args = parser.parse_args(argv)
+  os.makedirs(args.out, exist_ok=True)
+  if args.only in (None, "attention"):
+    attention_figure(os.path.join(args.out, "attention.png"))
+    receptive_field_figure(os.path.join(args.out, "receptive_fields.png"))
+    print(f"wrote {args.out}/attention.png and {args.out}/receptive_fields.png")
+  if args.only in (None, "curve"):
+    training_figure(os.path.join(args.out, "training_curve.png"), args.metrics, args.steps,
+                    args.workdir, args.data_dir)
+    print(f"wrote {args.out}/training_curve.png")
+
+
+if __name__ == "__main__":
+  main()
