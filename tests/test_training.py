@@ -367,14 +367,15 @@ def test_loop_runs_on_mock_imagenet(tmp_path, monkeypatch):
 
 
 def _stop_after(monkeypatch, batches_before_stop):
-  """Sends SIGTERM (as a preemption would) when the loop asks for batch number N+1."""
+  """Delivers SIGTERM to the loop (as a preemption would) when it asks for batch N+1."""
   original = input.train_batches
 
   def train_batches(*args, **kwargs):
     iterator = original(*args, **kwargs)
     for index, batch in enumerate(iterator):
       if index == batches_before_stop:
-        os.kill(os.getpid(), signal.SIGTERM)
+        # The loop's SIGTERM handler, called as the interpreter would on a preemption signal.
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
       yield batch
 
   monkeypatch.setattr(input, "train_batches", train_batches)
