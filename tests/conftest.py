@@ -2,7 +2,11 @@
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Eight CPU devices for the mesh tests. Eigen's intra-op thread pool is turned off: with more
+# devices than cores, concurrent collectives can wedge that pool (XLA aborts after a
+# rendezvous timeout), and the single-threaded path is as fast on 2 cores.
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_multi_thread_eigen=false")
 
 import jax
 import numpy as np
