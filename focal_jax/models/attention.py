@@ -1,13 +1,17 @@
 """Focal self-attention over windows: own window, expanded ring, pooled levels.
 
-For every query window the keys are, in the official order:
-  1. the window itself (window**2 tokens),
-  2. the expanded ring from four cyclic rolls (`index_tables.ring_size` tokens),
-  3. for each pooled level k, the unfolded neighbourhood of pooled sub-windows
-     ((focal_window + 2**k - 1)**2 tokens).
-All key groups are concatenated and attended to with one einsum. Relative-position
-biases come from their tables through constant one-hot matmuls, and the static masks
-(cyclic shift, unfold padding; additive -100) are NumPy constants.
+For every query window the keys are:
+  1. the window's expanded neighbourhood, (window + 2*expand)**2 tokens: the window itself
+     and the official ring around it, each ring token once (the official 132 ring keys
+     repeat 12 tokens; a repeat's two biases merge exactly into one, see
+     `index_tables.ring_bias_selectors`),
+  2. for each pooled level k, the unfolded neighbourhood of pooled sub-windows
+     ((focal_window + 2**k - 1)**2 tokens, zero-padded ones masked with -100).
+All key groups are concatenated and attended to with one einsum per product, in a
+window- and head-major layout ([B, nWh, nWw, nH, tokens, hd]) that is built once from the
+qkv projection, so the products need no further transposes. Relative-position biases
+come from their tables through constant one-hot matmuls, and the static masks (cyclic
+shift, unfold padding; additive -100) are NumPy constants.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ class FocalWindowAttention(nnx.Module):
 
   @property
   def keys_per_query(self) -> int:
-    """Number of keys each query attends to (e.g. 230 in stage 1 of Focal-T)."""
+    """Keys per query as the official code counts them (e.g. 230 in stage 1 of Focal-T)."""
     keys = self.window_size**2 + index_tables.ring_size(self.window_size, self.expand_size)
     for level in range(self.pooled_levels):
       keys += index_tables.pooled_keys_per_window(self.focal_window, level)
@@ -76,9 +80,18 @@ class FocalWindowAttention(nnx.Module):
     exact = jax.lax.Precision.HIGHEST  # one-hot products must copy table entries exactly
     one_hot = index_tables.one_hot_index((ws, ws), (ws, ws))  # [area*area, table]
     table = self.relative_position_bias_table[...]
-    parts = [jnp.dot(one_hot, table, precision=exact).reshape(area, area, heads).transpose(2, 0, 1)]
+    own = jnp.dot(one_hot, table, precision=exact).reshape(area, area, heads).transpose(2, 0, 1)
+    # The window and its ring: one bias per neighbourhood token, [nH, area, side**2].
+    local = jnp.dot(own, index_tables.window_key_selector(ws, self.expand_size), precision=exact)
     if self.expand_size > 0:
-      parts.append(self.relative_position_bias_table_to_neighbors[...][0])
+      ring = self.relative_position_bias_table_to_neighbors[...][0]  # [nH, area, 132]
+      selectors = index_tables.ring_bias_selectors(ws, self.expand_size)
+      merged = jnp.dot(ring, selectors[0], precision=exact)
+      for selector in selectors[1:]:  # repeated ring tokens: exp(b) sums, i.e. logaddexp
+        repeat = jnp.dot(ring, selector, precision=exact)
+        merged = jnp.where(selector.any(axis=0), jnp.logaddexp(merged, repeat), merged)
+      local = local + merged  # the two never overlap
+    parts = [local]
     for level, table_k in enumerate(self.relative_position_bias_table_to_windows):
       side = self.focal_window + 2**level - 1
       one_hot = index_tables.one_hot_index((ws, ws), (side, side))  # [area*keys, table]
@@ -87,13 +100,16 @@ class FocalWindowAttention(nnx.Module):
     return jnp.concatenate(parts, axis=-1)
 
   def static_mask(self, num_windows: tuple[int, int], shift_mask: np.ndarray | None) -> np.ndarray:
-    """Additive -100 masks per window, [nWh, nWw, 1 or ws*ws, keys]."""
-    area = self.window_size**2
+    """Additive masks per window, [nWh, nWw, 1 or ws*ws, keys]: -100 as officially, and
+    -1e9 (zero weight) on neighbourhood tokens outside the official ring."""
+    ws, expand = self.window_size, self.expand_size
+    area = ws * ws
     rows = area if shift_mask is not None else 1
-    parts = [shift_mask if shift_mask is not None else np.zeros((*num_windows, 1, area), np.float32)]
-    ring = index_tables.ring_size(self.window_size, self.expand_size)
-    if ring:
-      parts.append(np.zeros((*num_windows, rows, ring), np.float32))
+    local = np.zeros((*num_windows, rows, index_tables.neighbourhood_size(ws, expand)), np.float32)
+    if shift_mask is not None:
+      local[..., index_tables.neighbourhood_window_keys(ws, expand)] = shift_mask
+    local[..., index_tables.neighbourhood_unused(ws, expand)] = -1e9
+    parts = [local]
     for level in range(self.pooled_levels):
       valid = index_tables.unfold_valid_mask(num_windows, self.focal_window, level)
       mask = np.where(valid > 0, 0.0, index_tables.MASK_VALUE).astype(np.float32)
@@ -113,28 +129,43 @@ class FocalWindowAttention(nnx.Module):
     """
     batch, height, width, dim = x.shape
     ws, heads = self.window_size, self.num_heads
+    head_dim = dim // heads
     n_rows, n_cols = height // ws, width // ws
     qkv = self.qkv(x)  # [B, H, W, 3C]
-    q, kv = qkv[..., :dim], qkv[..., dim:]
-    q = windows.window_partition(q, ws)  # [B, nWh, nWw, ws*ws, C]
-    key_groups = [windows.window_partition(kv, ws)]  # [B, nWh, nWw, ws*ws, 2C]
-    if self.expand_size > 0:
-      key_groups.append(windows.expand_ring(kv, ws, self.expand_size))  # [B, nWh, nWw, ring, 2C]
-    for level, pooled_map in enumerate(pooled):
-      kv_pooled = self.qkv(pooled_map)[..., dim:]  # [B, nWh*2**k, nWw*2**k, 2C]
-      key_groups.append(windows.unfold_neighbourhood(kv_pooled, self.focal_window, level))
-    kv = jnp.concatenate(key_groups, axis=3)  # [B, nWh, nWw, keys, 2C]
-    kv = kv.reshape(*kv.shape[:4], 2, heads, dim // heads)  # [B, nWh, nWw, keys, 2, nH, hd]
-    k, v = kv[:, :, :, :, 0], kv[:, :, :, :, 1]
-    q = q.reshape(*q.shape[:4], heads, dim // heads) * jnp.asarray(self.scale, q.dtype)
 
-    logits = jnp.einsum("bxyqhd,bxykhd->bxyhqk", q, k)  # [B, nWh, nWw, nH, ws*ws, keys]
+    def windows_and_heads(part: int) -> jnp.ndarray:  # -> [B, nWh, nWw, nH, ws, ws, hd]
+      # Slicing the channels before the transpose keeps the backward pass a plain
+      # concatenation of the three gradients in the [B, H, W, 3C] layout.
+      y = qkv[..., part * dim:(part + 1) * dim]
+      y = y.reshape(batch, n_rows, ws, n_cols, ws, heads, head_dim)
+      return y.transpose(0, 1, 3, 5, 2, 4, 6)
+
+    q = windows_and_heads(0).reshape(batch, n_rows, n_cols, heads, ws * ws, head_dim)
+    q = q * jnp.asarray(self.scale, q.dtype)
+    keys = [windows.expand_windows(windows_and_heads(1), ws, self.expand_size)]  # [.., side**2, hd]
+    values = [windows.expand_windows(windows_and_heads(2), ws, self.expand_size)]
+    for level, pooled_map in enumerate(pooled):
+      kv = self.qkv(pooled_map)[..., dim:]  # [B, nWh*2**k, nWw*2**k, 2C]
+      kv = windows.unfold_neighbourhood(kv, self.focal_window, level)  # [B, nWh, nWw, K, 2C]
+      kv = kv.reshape(*kv.shape[:4], 2, heads, head_dim).transpose(4, 0, 1, 2, 5, 3, 6)
+      keys.append(kv[0])  # [B, nWh, nWw, nH, K, hd]
+      values.append(kv[1])
+    k = jnp.concatenate(keys, axis=4)  # [B, nWh, nWw, nH, keys, hd]
+    v = jnp.concatenate(values, axis=4)
+
+    logits = jnp.einsum("bxyhqd,bxyhkd->bxyhqk", q, k)  # [B, nWh, nWw, nH, ws*ws, keys]
     mask = self.static_mask((n_rows, n_cols), shift_mask)[:, :, None]  # [nWh, nWw, 1, *, keys]
     # Biases, masks and softmax in float32 at least, also for bfloat16 activations.
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     logits = logits + (self.position_bias() + mask)
-    attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    attn = self.attn_drop(attn)
-    out = jnp.einsum("bxyhqk,bxykhd->bxyqhd", attn, v)  # [B, nWh, nWw, ws*ws, nH, hd]
-    out = windows.window_reverse(out.reshape(batch, n_rows, n_cols, ws * ws, dim), ws)
+    # Softmax with the normalisation moved after the product with v: sum_k e_k v_k / sum_k e_k
+    # divides [.., ws*ws, hd] instead of [.., ws*ws, keys], and the backward pass needs no
+    # reduction over the keys. Dropping e_k equals dropping the normalised weight.
+    weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
+    total = weights.sum(axis=-1, keepdims=True)  # [B, nWh, nWw, nH, ws*ws, 1]
+    weights = self.attn_drop(weights.astype(v.dtype))
+    out = jnp.einsum("bxyhqk,bxyhkd->bxyhqd", weights, v)  # [B, nWh, nWw, nH, ws*ws, hd]
+    out = (out / total).astype(v.dtype)
+    out = out.reshape(batch, n_rows, n_cols, heads, ws, ws, head_dim)
+    out = out.transpose(0, 1, 4, 2, 5, 3, 6).reshape(batch, height, width, dim)
     return self.proj_drop(self.proj(out))

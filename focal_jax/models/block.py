@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -88,15 +89,17 @@ class FocalTransformerBlock(nnx.Module):
     weights = fc.kernel[...].reshape(side, side).astype(x.dtype)
     return jnp.einsum("bxiyjc,ij->bxyc", x, weights) + fc.bias[...].astype(x.dtype)
 
-  def _residual(self, x: jnp.ndarray, branch: jnp.ndarray, gamma: nnx.Param | None) -> jnp.ndarray:
+  def _residual(self, x: jnp.ndarray, branch: jnp.ndarray, gamma: nnx.Param | None,
+                drop_rate: jax.Array | None) -> jnp.ndarray:
     if gamma is not None:
       branch = gamma[...].astype(branch.dtype) * branch
     if self.drop_path is not None:
-      branch = self.drop_path(branch)
+      branch = self.drop_path(branch, rate=drop_rate)
     return x + branch
 
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    """[B, H, W, C] -> [B, H, W, C]."""
+  def __call__(self, x: jnp.ndarray, drop_rate: jax.Array | None = None) -> jnp.ndarray:
+    """[B, H, W, C] -> [B, H, W, C]. `drop_rate` overrides the stochastic-depth rate (a
+    traced value when the stage runs its blocks under `lax.scan`)."""
     _, height, width, _ = x.shape
     ws, shift = self.window_size, self.shift_size
     padded_h, padded_w = -(-height // ws) * ws, -(-width // ws) * ws
@@ -109,8 +112,8 @@ class FocalTransformerBlock(nnx.Module):
     if shift:
       y = jnp.roll(y, (shift, shift), axis=(1, 2))
     y = y[:, :height, :width]
-    x = self._residual(x, y, self.gamma_1)
-    return self._residual(x, self.mlp(self.norm2(x)), self.gamma_2)
+    x = self._residual(x, y, self.gamma_1, drop_rate)
+    return self._residual(x, self.mlp(self.norm2(x)), self.gamma_2, drop_rate)
 
 
 def stage_block_options(index: int, window_size: int, expand_size: int, expand_layer: str,

@@ -16,8 +16,10 @@ class FocalConfig:
   """Hyperparameters of a Focal Transformer, named as in the official constructor.
 
   `expand_stages` is accepted for compatibility and, as in the official code, has no
-  effect (every stage uses its `expand_sizes` entry). `dtype` (activation dtype) and
-  `remat` (rematerialise each block in the backward pass) are this project's additions.
+  effect (every stage uses its `expand_sizes` entry). `dtype` (activation dtype), `remat`
+  (rematerialise each block in the backward pass) and `scan_blocks` (run runs of identical
+  blocks under `lax.scan`, which cuts compile time; same parameters and results) are this
+  project's additions.
   """
 
   img_size: tuple[int, int] = (224, 224)
@@ -50,6 +52,7 @@ class FocalConfig:
   use_pre_norm: bool = False
   dtype: Any = jnp.float32
   remat: bool = False
+  scan_blocks: bool = True
 
   @property
   def num_layers(self) -> int:

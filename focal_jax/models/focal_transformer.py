@@ -4,12 +4,64 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from focal_jax.models.block import FocalTransformerBlock, stage_block_options
 from focal_jax.models.config import FocalConfig, check_image_size, make_config
 from focal_jax.models.layers import PatchEmbed, axes, dense, layer_norm, trunc_normal
+
+
+# Runs of at least this many structurally identical blocks are run under `lax.scan`:
+# XLA then compiles one block instead of each of them (Focal-S/B stage 3 has 18).
+SCAN_MIN_BLOCKS = 4
+
+
+def _block_signature(block: FocalTransformerBlock) -> Any:
+  """Everything that decides a block's program except its stochastic-depth rate."""
+  state = nnx.state(block)
+  shapes = tuple((leaf.shape, str(leaf.dtype)) for leaf in jax.tree.leaves(state))
+  return (block.window_size, block.expand_size, block.shift_size, block.drop_path is None,
+          jax.tree.structure(state), shapes)
+
+
+def identical_runs(blocks: list[FocalTransformerBlock]) -> tuple[tuple[int, int], ...]:
+  """[start, stop) ranges of consecutive blocks with the same signature."""
+  runs, start = [], 0
+  signatures = [_block_signature(b) for b in blocks]
+  for i in range(1, len(blocks) + 1):
+    if i == len(blocks) or signatures[i] != signatures[start]:
+      runs.append((start, i))
+      start = i
+  return tuple(runs)
+
+
+def scan_blocks(blocks: list[FocalTransformerBlock], x: jnp.ndarray, remat: bool) -> jnp.ndarray:
+  """Runs identical blocks one after another under `lax.scan` over their stacked state.
+
+  Parameters stay in the blocks (the module tree and the checkpoint names do not change);
+  they are stacked for the scan, so gradients flow back to each block's own parameters.
+  Each block keeps its stochastic-depth rate (passed as data) and its RNG streams, whose
+  advanced counters are written back.
+  """
+  graphdef = nnx.graphdef(blocks[0])
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.state(b) for b in blocks])
+  rates = (None if blocks[0].drop_path is None else
+           jnp.asarray([b.drop_path.rate for b in blocks], jnp.float32))
+
+  def body(y, inputs):
+    state, rate = inputs
+    block = nnx.merge(graphdef, state)
+    y = block(y, drop_rate=rate)
+    return y, nnx.state(block, nnx.Not(nnx.Param))  # RNG counters advance in training
+
+  if remat:
+    body = jax.checkpoint(body)
+  x, updated = jax.lax.scan(body, x, (stacked, rates))
+  for i, block in enumerate(blocks):
+    nnx.update(block, jax.tree.map(lambda a: jax.lax.index_in_dim(a, i, keepdims=False), updated))
+  return x
 
 
 class FocalStage(nnx.Module):
@@ -34,6 +86,8 @@ class FocalStage(nnx.Module):
           layerscale_value=config.layerscale_value, dtype=config.dtype, rngs=rngs))
     self.blocks = nnx.List(blocks)
     self.remat = config.remat
+    self.block_runs = identical_runs(blocks) if config.scan_blocks else tuple(
+        (i, i + 1) for i in range(len(blocks)))
     if stage < config.num_layers - 1:
       self.downsample = PatchEmbed(
           dim, 2 * dim, patch_size=2, is_stem=False, use_conv_embed=config.use_conv_embed,
@@ -43,11 +97,16 @@ class FocalStage(nnx.Module):
 
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     """Runs the blocks on [B, H, W, C]; returns the stage map before downsampling."""
-    for block in self.blocks:
-      if self.remat:
-        x = nnx.remat(lambda blk, y: blk(y))(block, x)
-      else:
-        x = block(x)
+    for start, stop in self.block_runs:
+      run = [self.blocks[i] for i in range(start, stop)]
+      if len(run) >= SCAN_MIN_BLOCKS:
+        x = scan_blocks(run, x, self.remat)
+        continue
+      for block in run:
+        if self.remat:
+          x = nnx.remat(lambda blk, y: blk(y))(block, x)
+        else:
+          x = block(x)
     return x
 
 

@@ -143,3 +143,82 @@ def valid_ind_unfold(focal_window: int, level: int) -> np.ndarray:
   keep = np.zeros((kernel, kernel), dtype=bool)
   keep[2**level - 1:, 2**level - 1:] = True
   return np.flatnonzero(keep.reshape(-1)).astype(np.int64)
+
+
+# The expanded neighbourhood of a window: the window and the ring around it.
+#
+# The official ring keys of a window all lie in its (window + 2*expand)**2 neighbourhood,
+# and 12 of the 132 (window 7, expand 3) repeat a token with a second learned bias. A
+# repeated key k with biases b1, b2 contributes exp(q.k + b1) + exp(q.k + b2) =
+# exp(q.k + logaddexp(b1, b2)) to the softmax, so attending once to every token of the
+# neighbourhood, with merged biases, gives the official output exactly. The model lists
+# the neighbourhood row-major (origin `expand` rows above and columns left of the window).
+
+
+def neighbourhood_size(window: int, expand: int) -> int:
+  """Tokens in the expanded neighbourhood of a window (169 for window 7, expand 3)."""
+  return (window + 2 * expand) ** 2
+
+
+@functools.lru_cache(maxsize=None)
+def neighbourhood_window_keys(window: int, expand: int) -> np.ndarray:
+  """Neighbourhood index of each token of the window itself, row-major. int64 [window**2]."""
+  side = window + 2 * expand
+  rows, cols = np.meshgrid(np.arange(window) + expand, np.arange(window) + expand, indexing="ij")
+  return (rows * side + cols).ravel().astype(np.int64)
+
+
+@functools.lru_cache(maxsize=None)
+def ring_slot_keys(window: int, expand: int) -> np.ndarray:
+  """Neighbourhood index of each official ring key, in the official order. int64 [ring]."""
+  local_r, local_c = np.meshgrid(np.arange(window), np.arange(window), indexing="ij")
+  keep = ring_keep_mask(window, expand)
+  side = window + 2 * expand
+  keys = []
+  for r, (row_sign, col_sign) in enumerate(RING_ROLL_SIGNS):
+    # jnp.roll(x, s)[i] = x[i - s]: the rolled window holds x[i*ws + p - sign*expand].
+    rows = local_r[keep[r]] - row_sign * expand + expand
+    cols = local_c[keep[r]] - col_sign * expand + expand
+    keys.append(rows * side + cols)
+  return np.concatenate(keys).astype(np.int64)
+
+
+@functools.lru_cache(maxsize=None)
+def window_key_selector(window: int, expand: int) -> np.ndarray:
+  """One-hot [window**2, neighbourhood]: the window's own tokens in the neighbourhood."""
+  selector = np.zeros((window * window, neighbourhood_size(window, expand)), np.float32)
+  selector[np.arange(window * window), neighbourhood_window_keys(window, expand)] = 1.0
+  return selector
+
+
+@functools.lru_cache(maxsize=None)
+def ring_bias_selectors(window: int, expand: int) -> tuple[np.ndarray, ...]:
+  """One-hot maps [ring, neighbourhood] from the official ring slots to their tokens.
+
+  Selector d picks, for every neighbourhood token, the d-th ring slot that holds it (a
+  zero column where there is none); the first selector covers every ring token once,
+  later ones only the repeats. The window's own tokens are no ring slots.
+  """
+  slots_of = [[] for _ in range(neighbourhood_size(window, expand))]
+  for slot, key in enumerate(ring_slot_keys(window, expand)):
+    slots_of[key].append(slot)
+  depth = max(len(s) for s in slots_of)
+  selectors = np.zeros((depth, ring_size(window, expand), len(slots_of)), np.float32)
+  for key, slots in enumerate(slots_of):
+    for d, slot in enumerate(slots):
+      selectors[d, slot, key] = 1.0
+  return tuple(selectors)
+
+
+@functools.lru_cache(maxsize=None)
+def neighbourhood_unused(window: int, expand: int) -> np.ndarray:
+  """Neighbourhood tokens that are neither in the window nor in the official ring: bool.
+
+  None for expand <= window / 2 (every official configuration); these tokens get no
+  attention (an additive mask of -1e9, which underflows to exactly zero weight).
+  """
+  used = np.zeros(neighbourhood_size(window, expand), bool)
+  used[neighbourhood_window_keys(window, expand)] = True
+  if expand > 0:
+    used[ring_slot_keys(window, expand)] = True
+  return ~used

@@ -6,6 +6,7 @@ map them onto a device mesh with rules; the model itself never sees a mesh.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -17,8 +18,12 @@ LAYER_NORM_EPS = 1e-5  # PyTorch's default, used throughout the official model
 
 
 def gelu(x: jnp.ndarray) -> jnp.ndarray:
-  """The exact (erf) GELU of PyTorch's nn.GELU(), not the tanh approximation."""
-  return jax.nn.gelu(x, approximate=False)
+  """The exact GELU of PyTorch's nn.GELU(), x/2 * (1 + erf(x/sqrt(2))), not the tanh form.
+
+  Written with `erf` as PyTorch does: `jax.nn.gelu(approximate=False)` goes through
+  `erfc`, whose value and derivative compile to three times the work on CPU.
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(math.sqrt(0.5), x.dtype)))
 
 
 def trunc_normal(std: float = 0.02):
@@ -64,16 +69,87 @@ def conv(in_features: int, out_features: int, kernel: int, stride: int, padding:
       kernel_metadata=axes(None, None, None, "embed"), bias_metadata=axes("embed"), rngs=rngs)
 
 
-def layer_norm(features: int, *, dtype: Any, rngs: nnx.Rngs) -> nnx.LayerNorm:
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def normalize_last_axis(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray,
+                        epsilon: float) -> jnp.ndarray:
+  """(x - mean) / sqrt(var + eps) * scale + bias over the last axis, in float32.
+
+  Two-pass variance, as PyTorch computes it. The derivative rule below is the textbook
+  one: its transpose (the backward pass) is two row reductions and one elementwise
+  pass, where differentiating the forward step by step gives XLA twice the passes.
+  """
+  return _normalize_and_stats(x, scale, bias, epsilon)[0]
+
+
+def _normalize_and_stats(x, scale, bias, epsilon):
+  x = x.astype(jnp.float32)
+  mean = x.mean(axis=-1, keepdims=True)
+  centred = x - mean
+  inv_std = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + epsilon)
+  x_hat = centred * inv_std
+  return x_hat * scale + bias, x_hat, inv_std
+
+
+@normalize_last_axis.defjvp
+def _normalize_last_axis_jvp(epsilon, primals, tangents):
+  x, scale, bias = primals
+  dx, dscale, dbias = tangents
+  y, x_hat, inv_std = _normalize_and_stats(x, scale, bias, epsilon)
+  dx = dx.astype(jnp.float32)
+  dx_hat = inv_std * (dx - dx.mean(axis=-1, keepdims=True)
+                      - x_hat * jnp.mean(dx * x_hat, axis=-1, keepdims=True))
+  return y, dx_hat * scale + x_hat * dscale + dbias
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the channel (last) axis with eps 1e-5 and two-pass variance, as
+  PyTorch's; parameters `scale` and `bias` as in `nnx.LayerNorm`. Statistics are float32
+  also for bfloat16 activations; the output has the activation dtype."""
+
+  def __init__(self, features: int, *, dtype: Any, rngs: nnx.Rngs):
+    del rngs  # deterministic init: ones and zeros
+    self.epsilon = LAYER_NORM_EPS  # read at construction, so tests can change it
+    self.dtype = dtype
+    self.scale = nnx.Param(jnp.ones((features,), jnp.float32), **axes("norm"))
+    self.bias = nnx.Param(jnp.zeros((features,), jnp.float32), **axes("norm"))
+
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    y = normalize_last_axis(x, self.scale[...].astype(jnp.float32),
+                            self.bias[...].astype(jnp.float32), self.epsilon)
+    return y.astype(self.dtype or x.dtype)
+
+
+def layer_norm(features: int, *, dtype: Any, rngs: nnx.Rngs) -> LayerNorm:
   """LayerNorm with eps 1e-5 and two-pass variance, as PyTorch computes it."""
-  return nnx.LayerNorm(
-      features, epsilon=LAYER_NORM_EPS, use_fast_variance=False, dtype=dtype,
-      scale_metadata=axes("norm"), bias_metadata=axes("norm"), rngs=rngs)
+  return LayerNorm(features, dtype=dtype, rngs=rngs)
 
 
-def drop_path(rate: float, rngs: nnx.Rngs) -> nnx.Dropout | None:
-  """Stochastic depth on [B, H, W, C]: drops whole samples, scales survivors by 1/(1-rate)."""
-  return nnx.Dropout(rate, broadcast_dims=(1, 2, 3), rngs=rngs) if rate > 0 else None
+class DropPath(nnx.Dropout):
+  """Stochastic depth on [B, ...]: drops whole samples, scales survivors by 1/(1-rate).
+
+  The same random draw as `nnx.Dropout(rate, broadcast_dims=(1, ..))` (same state, same
+  masks), applied as a product with a per-sample factor [B, 1, ..] rather than a select
+  over a broadcast mask, which XLA fuses into the surrounding (often transposing)
+  gradient kernels at a lower per-element cost.
+  """
+
+  def __call__(self, inputs: jnp.ndarray, *, deterministic: bool | None = None,
+               rate: jax.Array | None = None) -> jnp.ndarray:
+    """`rate` (may be traced) overrides the built rate, for blocks run under `lax.scan`."""
+    deterministic = self.deterministic if deterministic is None else deterministic
+    if deterministic or (rate is None and self.rate == 0.0):
+      return inputs
+    if rate is None and self.rate == 1.0:
+      return jnp.zeros_like(inputs)
+    keep_prob = 1.0 - (self.rate if rate is None else rate)
+    shape = (inputs.shape[0],) + (1,) * (inputs.ndim - 1)
+    keep = jax.random.bernoulli(self.rngs(), p=keep_prob, shape=shape)
+    return inputs * (keep.astype(inputs.dtype) / jnp.asarray(keep_prob, inputs.dtype))
+
+
+def drop_path(rate: float, rngs: nnx.Rngs) -> DropPath | None:
+  """Stochastic depth on [B, H, W, C] (see `DropPath`), None when the rate is 0."""
+  return DropPath(rate, broadcast_dims=(1, 2, 3), rngs=rngs) if rate > 0 else None
 
 
 class Mlp(nnx.Module):
@@ -85,9 +161,20 @@ class Mlp(nnx.Module):
     self.drop = nnx.Dropout(drop, rngs=rngs)
 
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    x = gelu(self.fc1(x))
-    x = self.drop(x)
+    hidden = self.fc1(x)
+    if self.drop.rate == 0.0:
+      # The backward pass keeps only the fc1 output and recomputes GELU from it (one
+      # elementwise pass) instead of also storing GELU's output, a [tokens, 4C] array.
+      dtype = self.fc2.dtype or hidden.dtype
+      return jax.checkpoint(_gelu_linear)(hidden, self.fc2.kernel[...].astype(dtype),
+                                          self.fc2.bias[...].astype(dtype))
+    x = self.drop(gelu(hidden))
     return self.drop(self.fc2(x))
+
+
+def _gelu_linear(x: jnp.ndarray, kernel: jnp.ndarray, bias: jnp.ndarray) -> jnp.ndarray:
+  """GELU(x) @ kernel + bias (the second half of `Mlp` without dropout)."""
+  return jnp.dot(gelu(x).astype(kernel.dtype), kernel) + bias
 
 
 class PatchEmbed(nnx.Module):
@@ -107,6 +194,7 @@ class PatchEmbed(nnx.Module):
     else:
       kernel, stride, padding = patch_size, patch_size, 0
     self.kernel_size = kernel
+    self.patchify = kernel == stride and padding == 0  # non-overlapping patches
     self.proj = conv(in_chans, embed_dim, kernel, stride, padding, dtype=dtype, rngs=rngs)
     self.pre_norm = (
         nnx.GroupNorm(in_chans, num_groups=1, epsilon=LAYER_NORM_EPS, use_fast_variance=False,
@@ -119,8 +207,21 @@ class PatchEmbed(nnx.Module):
     """[B, H, W, C_in] -> [B, H/stride, W/stride, embed_dim]."""
     if self.pre_norm is not None:
       x = self.pre_norm(x)
-    x = self.proj(x)
+    x = self.embed_patches(x) if self.patchify else self.proj(x)
     if self.norm is not None:
       x = self.norm(x)
     return x
 
+  def embed_patches(self, x: jnp.ndarray) -> jnp.ndarray:
+    """The stride-k k x k convolution as a reshape and one matmul over k*k*C_in.
+
+    Same parameters and result as `self.proj(x)`; on CPU the convolution's gradient with
+    respect to its kernel is several times slower than this matmul's.
+    """
+    k = self.kernel_size
+    batch, height, width, channels = x.shape
+    rows, cols = height // k, width // k
+    dtype = self.proj.dtype or x.dtype
+    x = x[:, :rows * k, :cols * k].reshape(batch, rows, k, cols, k, channels)  # [B, h, k, w, k, C]
+    y = jnp.einsum("bhiwjc,ijco->bhwo", x.astype(dtype), self.proj.kernel[...].astype(dtype))
+    return y + self.proj.bias[...].astype(dtype)

@@ -101,3 +101,24 @@ def unfold_neighbourhood(x: jnp.ndarray, focal_window: int, level: int) -> jnp.n
   x = jnp.stack(cols, axis=4)  # [B, nWh, k, nWw, k, C]
   x = x.transpose(0, 1, 3, 2, 4, 5)  # [B, nWh, nWw, k, k, C]
   return x.reshape(batch, n_rows, n_cols, -1, channels)
+
+
+def expand_windows(x: jnp.ndarray, window: int, expand: int) -> jnp.ndarray:
+  """The (window + 2*expand)**2 neighbourhood of every window, row-major, wrapping
+  cyclically around the map as the official `torch.roll` does.
+
+  x: windows with heads, [B, nWh, nWw, nH, ws, ws, hd] -> [B, nWh, nWw, nH, side**2, hd].
+  Rows first: the last `expand` rows of the window above, the window, the first `expand`
+  rows of the window below (a roll of the window grid by one); then columns likewise.
+  """
+  if expand == 0:
+    return x.reshape(*x.shape[:4], window * window, x.shape[-1])
+  if expand > window:
+    raise NotImplementedError(f"expand_size {expand} > window_size {window} is not supported.")
+  above = jnp.roll(x[:, :, :, :, window - expand:], 1, axis=1)  # [B, nWh, nWw, nH, e, ws, hd]
+  below = jnp.roll(x[:, :, :, :, :expand], -1, axis=1)
+  x = jnp.concatenate([above, x, below], axis=4)  # [B, nWh, nWw, nH, side, ws, hd]
+  left = jnp.roll(x[:, :, :, :, :, window - expand:], 1, axis=2)
+  right = jnp.roll(x[:, :, :, :, :, :expand], -1, axis=2)
+  x = jnp.concatenate([left, x, right], axis=5)  # [B, nWh, nWw, nH, side, side, hd]
+  return x.reshape(*x.shape[:4], -1, x.shape[-1])
