@@ -1,0 +1,436 @@
+"""Side-by-side speed and memory of focal_jax and the PyTorch reference.
+
+    python -m focal_jax.benchmark --model focal_tiny --img-size 224 --batch 8 --mode both
+    python -m focal_jax.benchmark --sweep --mode inference        # 224, 448, 896
+    python -m focal_jax.benchmark --tiny --img-size 64 --batch 2 --repeats 2   # seconds
+
+For each framework and mode the measurement runs in a fresh worker process (this module
+with `--worker`), so that the peak resident memory (`ru_maxrss`) of one measurement is
+not that of another, and XLA's and PyTorch's thread pools never compete. Each worker
+builds the model, warms up, times `--repeats` calls and reports medians as JSON.
+
+JAX: inference is a jitted eval-mode forward; the training step is forward, backward and
+an optax AdamW update, jitted with the parameters and optimiser state donated. Compile
+time is `lower()` + `compile()` of that function; the compiled step is then called
+through the same jitted function, and any further backend compilation is counted (it
+must be zero). PyTorch: the reference model in eval mode under `torch.inference_mode`,
+and a training step with `torch.optim.AdamW`, on `torch.set_num_threads(cores)` threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+# A narrow, shallow model that is still structurally complete (rings and pooled levels).
+TINY_OVERRIDES = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4),
+                      focal_levels=(2, 2, 2, 2))
+SWEEP_SIZES = (224, 448, 896)
+_RESULT_MARK = "BENCHMARK_RESULT "
+
+
+@dataclasses.dataclass
+class Result:
+  """One (framework, mode) measurement."""
+
+  framework: str  # "jax" or "torch"
+  mode: str  # "inference" or "train"
+  model: str
+  img_size: int
+  batch: int
+  dtype: str
+  images_per_s: float  # median over repeats
+  step_s: list[float]  # every timed call, seconds
+  first_call_s: float  # jax: lower + compile; torch: the first (eager) call
+  peak_rss_mb: float  # process high-water mark of resident memory
+  base_rss_mb: float  # resident memory after imports, before the model is built
+  recompiles: int = 0  # jax: backend compilations after the first call (must be 0)
+  xla_temp_mb: float | None = None  # jax: XLA's temporary buffers of the compiled function
+  device_peak_mb: float | None = None  # jax: device memory_stats() peak, where reported
+  other_cpu: float | None = None  # CPU cores busy with other processes while timing (noise)
+  compile_peak_rss_mb: float | None = None  # jax: peak RSS up to the end of compilation
+  error: str | None = None
+
+
+def _rss_mb() -> float:
+  """Current resident set size in MiB (Linux /proc; falls back to the peak)."""
+  try:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+  except OSError:
+    return _peak_rss_mb()
+
+
+def _peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def num_cores() -> int:
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _busy_cpu_seconds() -> float | None:
+  """Machine-wide non-idle CPU time so far (Linux /proc/stat), in seconds."""
+  try:
+    with open("/proc/stat") as f:
+      fields = [int(v) for v in f.readline().split()[1:]]
+  except (OSError, ValueError):
+    return None
+  idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+  return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _timed_calls(call: Callable[[], Any], warmup: int,
+                 repeats: int) -> tuple[list[float], float | None]:
+  """Per-call wall times, and how many cores other processes kept busy meanwhile."""
+  for _ in range(warmup):
+    call()
+  times = []
+  busy, own, start_all = _busy_cpu_seconds(), sum(os.times()[:2]), time.perf_counter()
+  for _ in range(repeats):
+    start = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - start)
+  other = None
+  if busy is not None:
+    elapsed = time.perf_counter() - start_all
+    others = (_busy_cpu_seconds() - busy) - (sum(os.times()[:2]) - own)
+    other = max(0.0, others / elapsed)
+  return times, other
+
+
+def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
+  return dict(TINY_OVERRIDES) if args.tiny else {}
+
+
+# --------------------------------------------------------------------------- JAX
+
+
+def run_jax(args: argparse.Namespace) -> Result:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from flax import nnx
+
+  import focal_jax
+
+  base_rss = _rss_mb()
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, duration, **kw: compiles.append(event)
+      if event == "/jax/core/compile/backend_compile_duration" else None)
+
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+  model = focal_jax.create_model(args.model, num_classes=args.num_classes,
+                                 img_size=args.img_size, dtype=dtype, **model_overrides(args))
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.standard_normal((args.batch, args.img_size, args.img_size, 3)),
+                       jnp.float32)
+  labels = jnp.asarray(rng.integers(0, args.num_classes, args.batch), jnp.int32)
+
+  if args.worker_mode == "inference":
+    model.eval()
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+    inputs = (state, images)
+    call = lambda: forward(*inputs).block_until_ready()
+    jitted = forward
+  else:
+    model.train()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    rest = nnx.to_pure_dict(rest)  # RNG streams as plain arrays: reseeded inside the step
+    tx = optax.adamw(1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05)
+    opt_state = tx.init(params)
+
+    def loss_fn(params, rest, images, labels, key):
+      module = nnx.merge(graphdef, params, rest)
+      nnx.reseed(module, dropout=key)  # fresh stochastic-depth masks every step
+      logits = module(images)
+      return optax.losses.softmax_cross_entropy_with_integer_labels(
+          logits.astype(jnp.float32), labels).mean()
+
+    def train_step(train_state, rest, images, labels):
+      params, opt_state, step = train_state
+      key = jax.random.fold_in(jax.random.key(0), step)
+      loss, grads = jax.value_and_grad(loss_fn)(params, rest, images, labels, key)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state, step + 1), loss
+
+    jitted = jax.jit(train_step, donate_argnums=(0,))
+    holder = {"state": (params, opt_state, jnp.zeros((), jnp.int32))}
+
+    def call():
+      holder["state"], loss = jitted(holder["state"], rest, images, labels)
+      loss.block_until_ready()
+
+    inputs = (holder["state"], rest, images, labels)
+
+  start = time.perf_counter()
+  compiled = jitted.lower(*inputs).compile()
+  compile_s = time.perf_counter() - start
+  compile_peak_mb = _peak_rss_mb()  # the compiler's own high-water mark
+  memory = compiled.memory_analysis()
+  xla_temp_mb = memory.temp_size_in_bytes / 2**20 if memory is not None else None
+  del compiled
+  call()  # step 1: must reuse the compilation above (jit's cache) ...
+  compiles_before = len(compiles)
+  times, other = _timed_calls(call, args.warmup, args.repeats)
+  recompiles = len(compiles) - compiles_before  # ... and nothing compiles after it
+  stats = jax.devices()[0].memory_stats() or {}
+  device_peak = stats.get("peak_bytes_in_use")
+  return Result("jax", args.worker_mode, args.model, args.img_size, args.batch, args.dtype,
+                args.batch / statistics.median(times), times, compile_s, _peak_rss_mb(), base_rss,
+                recompiles=recompiles, xla_temp_mb=xla_temp_mb, compile_peak_rss_mb=compile_peak_mb,
+                device_peak_mb=device_peak / 2**20 if device_peak else None, other_cpu=other)
+
+
+# ----------------------------------------------------------------------- PyTorch
+
+
+def reference_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+  """Official constructor arguments of the benchmarked variant."""
+  from focal_jax.models import make_config
+
+  config = make_config(args.model, num_classes=args.num_classes, img_size=args.img_size,
+                       **model_overrides(args))
+  kwargs = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if f.name not in ("dtype", "remat", "scan_blocks")}
+  return {k: list(v) if isinstance(v, tuple) and k != "img_size" else v for k, v in kwargs.items()}
+
+
+def run_torch(args: argparse.Namespace) -> Result:
+  import torch
+
+  from focal_jax.convert import reference
+
+  base_rss = _rss_mb()
+  torch.set_num_threads(num_cores())
+  torch.manual_seed(0)
+  model = reference.FocalTransformer(**reference_kwargs(args))
+  images = torch.randn(args.batch, 3, args.img_size, args.img_size)
+  labels = torch.randint(0, args.num_classes, (args.batch,))
+  autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+
+  if args.worker_mode == "inference":
+    model.eval()
+
+    def call():
+      with torch.inference_mode(), autocast:
+        model(images)
+  else:
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=0.05)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def call():
+      optimizer.zero_grad(set_to_none=True)
+      with autocast:
+        loss = loss_fn(model(images).float(), labels)
+      loss.backward()
+      optimizer.step()
+
+  start = time.perf_counter()
+  call()
+  first_s = time.perf_counter() - start
+  times, other = _timed_calls(call, args.warmup, args.repeats)
+  return Result("torch", args.worker_mode, args.model, args.img_size, args.batch, args.dtype,
+                args.batch / statistics.median(times), times, first_s, _peak_rss_mb(), base_rss,
+                other_cpu=other)
+
+
+# ---------------------------------------------------------------- orchestration
+
+
+def wait_for_quiet(max_cores: float, timeout_s: float) -> float | None:
+  """Waits (up to `timeout_s`) until other processes use less than `max_cores` CPU cores,
+  probing 3 s at a time. Returns the last probe's busy cores (None without /proc/stat)."""
+  deadline = time.monotonic() + timeout_s
+  while True:
+    busy = _busy_cpu_seconds()
+    if busy is None:
+      return None
+    time.sleep(3.0)
+    cores = (_busy_cpu_seconds() - busy) / 3.0
+    if cores < max_cores or time.monotonic() > deadline:
+      return cores
+    time.sleep(7.0)
+
+
+def run_worker(framework: str, mode: str, args: argparse.Namespace, img_size: int,
+               batch: int) -> Result:
+  """Runs one measurement in a fresh Python process and parses its JSON result."""
+  command = [sys.executable, "-m", "focal_jax.benchmark", "--worker", framework,
+             "--worker-mode", mode, "--model", args.model, "--img-size", str(img_size),
+             "--batch", str(batch), "--dtype", args.dtype, "--repeats", str(args.repeats),
+             "--warmup", str(args.warmup), "--num-classes", str(args.num_classes)]
+  if args.tiny:
+    command.append("--tiny")
+  proc = subprocess.run(command, capture_output=True, text=True)
+  for line in reversed(proc.stdout.splitlines()):
+    if line.startswith(_RESULT_MARK):
+      return Result(**json.loads(line[len(_RESULT_MARK):]))
+  tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+  return Result(framework, mode, args.model, img_size, batch, args.dtype, float("nan"), [],
+                float("nan"), float("nan"), float("nan"),
+                error=f"worker exited with {proc.returncode}: " + " | ".join(tail))
+
+
+def environment() -> dict[str, str]:
+  """Machine and library versions, for the record."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  versions = {}
+  for name in ("jax", "jaxlib", "flax", "optax", "torch"):
+    try:
+      module = __import__(name)
+      versions[name] = module.__version__
+    except ImportError:
+      versions[name] = "not installed"
+  load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+  return {"cpu": cpu, "cores": str(num_cores()), "python": platform.python_version(),
+          **versions, "load average (1/5/15 min)": load}
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+  if value is None or value != value:  # None or NaN
+    return "-"
+  return f"{value:.{digits}f}"
+
+
+def results_table(results: list[Result]) -> str:
+  """Markdown table: one row per measurement, with the JAX / PyTorch ratio per setting."""
+  by_key = {(r.framework, r.mode, r.img_size, r.batch): r for r in results}
+  lines = ["| framework | mode | img | batch | dtype | img/s | JAX/PyTorch | first call s "
+           "| peak RSS MiB | peak RSS by compile end MiB | RSS after imports MiB | XLA temp MiB "
+           "| recompiles | other CPU |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in results:
+    ratio = "-"
+    other = by_key.get(("torch", r.mode, r.img_size, r.batch))
+    if r.framework == "jax" and other is not None and other.images_per_s > 0:
+      ratio = f"{r.images_per_s / other.images_per_s:.2f}x"
+    first = "compile " + _fmt(r.first_call_s) if r.framework == "jax" else _fmt(r.first_call_s)
+    lines.append(
+        f"| {r.framework} | {r.mode} | {r.img_size} | {r.batch} | {r.dtype} | "
+        f"{_fmt(r.images_per_s)} | {ratio} | {first} | {_fmt(r.peak_rss_mb, 0)} | "
+        f"{_fmt(r.compile_peak_rss_mb, 0)} | "
+        f"{_fmt(r.base_rss_mb, 0)} | {_fmt(r.xla_temp_mb, 0)} | "
+        f"{r.recompiles if r.framework == 'jax' else '-'} | {_fmt(r.other_cpu)} |")
+  errors = [f"- {r.framework} {r.mode} {r.img_size}: {r.error}" for r in results if r.error]
+  return "\n".join(lines + ([""] + errors if errors else []))
+
+
+def growth_lines(results: list[Result]) -> list[str]:
+  """Per-image cost relative to the smallest size, per framework (inference)."""
+  lines = []
+  for framework in ("jax", "torch"):
+    rows = sorted((r for r in results if r.framework == framework and r.mode == "inference"
+                   and r.images_per_s == r.images_per_s), key=lambda r: r.img_size)
+    if len(rows) < 2:
+      continue
+    base = rows[0]
+    growth = ", ".join(f"{r.img_size}: {base.images_per_s / r.images_per_s:.2f}x"
+                       for r in rows[1:])
+    lines.append(f"- {framework} cost per image relative to {base.img_size}: {growth}")
+  return lines
+
+
+def report(args: argparse.Namespace, results: list[Result], env: dict[str, str]) -> str:
+  command = "python -m focal_jax.benchmark " + " ".join(sys.argv[1:])
+  lines = [f"### `{command}`", "",
+           ", ".join(f"{k}: {v}" for k, v in env.items()), "",
+           f"model {args.model}{' (tiny overrides)' if args.tiny else ''}, warmup {args.warmup}, "
+           f"repeats {args.repeats} (medians)", "", results_table(results)]
+  growth = growth_lines(results)
+  if growth:
+    lines += [""] + growth
+  return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog="python -m focal_jax.benchmark",
+      description="Throughput, compile time and peak memory of focal_jax vs the PyTorch reference.")
+  parser.add_argument("--model", default="focal_tiny", help="variant name (default focal_tiny)")
+  parser.add_argument("--tiny", action="store_true",
+                      help=f"shrink the variant with {TINY_OVERRIDES} (for smoke tests)")
+  parser.add_argument("--img-size", type=int, default=224)
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--num-classes", type=int, default=1000)
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  parser.add_argument("--repeats", type=int, default=5, help="timed calls (median reported)")
+  parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
+  parser.add_argument("--mode", choices=("inference", "train", "both"), default="both")
+  parser.add_argument("--sweep", action="store_true",
+                      help=f"inference at {', '.join(map(str, SWEEP_SIZES))} (ignores --img-size)")
+  parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+  parser.add_argument("--no-jax", action="store_true", help="skip focal_jax")
+  parser.add_argument("--output", help="append the markdown report to this file")
+  parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                      help="before each measurement wait up to SECONDS until other processes "
+                           "use less than 0.25 CPU cores (shared machines)")
+  parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+  parser.add_argument("--worker-mode", choices=("inference", "train"), help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
+    parser.error("--batch and --repeats must be >= 1 and --warmup >= 0.")
+  return args
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+  args = parse_args(argv)
+  if args.worker:  # inside a worker process: one measurement, one JSON line
+    result = (run_jax if args.worker == "jax" else run_torch)(args)
+    print(_RESULT_MARK + json.dumps(dataclasses.asdict(result)), flush=True)
+    return [result]
+
+  frameworks = [f for f, skip in (("jax", args.no_jax), ("torch", args.no_torch)) if not skip]
+  if args.sweep:
+    settings = [("inference", size) for size in SWEEP_SIZES]
+    if args.mode in ("train", "both"):
+      settings.append(("train", args.img_size))
+  else:
+    modes = ("inference", "train") if args.mode == "both" else (args.mode,)
+    settings = [(mode, args.img_size) for mode in modes]
+  env = environment()
+  results = []
+  for mode, size in settings:
+    for framework in frameworks:
+      if args.wait_quiet > 0:
+        wait_for_quiet(0.25, args.wait_quiet)
+      result = run_worker(framework, mode, args, size, args.batch)
+      results.append(result)
+      print(f"{framework:5s} {mode:9s} {size:4d}px batch {args.batch}: "
+            f"{_fmt(result.images_per_s)} img/s, first call {_fmt(result.first_call_s)} s, "
+            f"peak RSS {_fmt(result.peak_rss_mb, 0)} MiB"
+            + (f", recompiles {result.recompiles}" if framework == "jax" else "")
+            + f", other processes {_fmt(result.other_cpu)} cores"
+            + (f"  ERROR {result.error}" if result.error else ""), flush=True)
+  env["load average (1/5/15 min)"] += " (start) / " + " ".join(f"{x:.2f}" for x in os.getloadavg()) + " (end)"
+  text = report(args, results, env)
+  print()
+  print(text)
+  if args.output:
+    with open(args.output, "a") as f:
+      f.write("\n" + text)
+  return results
+
+
+if __name__ == "__main__":
+  results = main()
+  sys.exit(1 if any(r.error for r in results) else 0)
