@@ -35,19 +35,35 @@ def official_unfold(x, focal_window, level):
   return out
 
 
-@pytest.mark.parametrize("window,expand,size", [(7, 3, (14, 21)), (7, 2, (7, 14)), (5, 1, (10, 10))])
-def test_expand_ring_matches_rolls_and_indexing(window, expand, size):
+def neighbourhoods(x, window, expand):
+  """`windows.expand_windows` on a [B, H, W, C] map (one head): [B, nWh, nWw, side**2, C]."""
+  batch, height, width, channels = x.shape
+  x = x.reshape(batch, height // window, window, width // window, window, 1, channels)
+  x = x.transpose(0, 1, 3, 5, 2, 4, 6)  # [B, nWh, nWw, 1, ws, ws, C]
+  return np.asarray(windows.expand_windows(jnp.asarray(x), window, expand))[:, :, :, 0]
+
+
+@pytest.mark.parametrize("window,expand,size", [(7, 3, (14, 21)), (7, 2, (7, 14)), (5, 1, (10, 10)),
+                                                (7, 3, (7, 7))])
+def test_neighbourhood_holds_the_window_and_the_official_ring(window, expand, size):
   x = np.random.default_rng(0).standard_normal((2, *size, 3)).astype(np.float32)
-  ours = np.asarray(windows.expand_ring(jnp.asarray(x), window, expand))
-  assert ours.shape[3] == index_tables.ring_size(window, expand)
-  np.testing.assert_array_equal(ours, official_ring(x, window, expand))
+  ours = neighbourhoods(x, window, expand)
+  assert ours.shape[3] == index_tables.neighbourhood_size(window, expand)
+  ring = ours[:, :, :, index_tables.ring_slot_keys(window, expand)]
+  np.testing.assert_array_equal(ring, official_ring(x, window, expand))
+  own = ours[:, :, :, index_tables.neighbourhood_window_keys(window, expand)]
+  np.testing.assert_array_equal(own, np.asarray(windows.window_partition(jnp.asarray(x), window)))
+  assert not index_tables.neighbourhood_unused(window, expand).any()
 
 
 def test_ring_has_132_tokens_with_12_repeats():
   assert index_tables.ring_size(7, 3) == 132
-  x = np.arange(14 * 14, dtype=np.float32).reshape(1, 14, 14, 1)
-  ring = np.asarray(windows.expand_ring(jnp.asarray(x), 7, 3))[0, 0, 0, :, 0]
-  assert len(ring) - len(np.unique(ring)) == 12
+  slots = index_tables.ring_slot_keys(7, 3)
+  assert len(slots) - len(np.unique(slots)) == 12
+  first, *repeats = index_tables.ring_bias_selectors(7, 3)
+  assert first.sum() == 132 - 12 and sum(r.sum() for r in repeats) == 12
+  # every ring slot lands in exactly one selector column
+  np.testing.assert_array_equal(sum(s.sum(axis=1) for s in (first, *repeats)), np.ones(132))
 
 
 @pytest.mark.parametrize("focal_window,level,grid", [(7, 0, (4, 6)), (5, 0, (3, 3)), (3, 1, (4, 2)),

@@ -60,23 +60,6 @@ def ring_keep_mask(window: int, expand: int) -> np.ndarray:
   return keep
 
 
-def ring_slices(window: int, expand: int, row_sign: int, col_sign: int):
-  """The ring tokens of one rolled window as two rectangles, in row-major order.
-
-  The kept region of a rolled window is an L shape; listing it row by row equals
-  listing a band of `window - expand` rows (a few columns each) followed by a full band
-  of `expand` rows, or the reverse. Returns two (row slice, column slice) pairs.
-  """
-  lo, hi = slice(None, window - expand), slice(window - expand, None)
-  lo_e, hi_e = slice(None, expand), slice(expand, None)
-  if row_sign < 0:  # rows 0..window-expand-1 keep some columns, the last rows are full
-    partial_cols = hi if col_sign < 0 else lo_e
-    return (lo, partial_cols), (hi, slice(None))
-  # first `expand` rows are full, the remaining rows keep some columns
-  partial_cols = hi if col_sign < 0 else lo_e
-  return (lo_e, slice(None)), (hi_e, partial_cols)
-
-
 def ring_size(window: int, expand: int) -> int:
   """Number of ring keys per query window (132 for window 7, expand 3)."""
   return 4 * (window * window - (window - expand) ** 2) if expand > 0 else 0

@@ -59,28 +59,6 @@ def _slice_axis(x: jnp.ndarray, axis: int, start: int, stop: int, step: int = 1)
   return x[tuple(index)]
 
 
-def expand_ring(x: jnp.ndarray, window: int, expand: int) -> jnp.ndarray:
-  """Ring keys of every window, in the official order: [B, nWh, nWw, ring, C].
-
-  The official code rolls the key map cyclically by (+-expand, +-expand), partitions
-  each rolled map into windows and keeps a fixed subset of each rolled window. Here
-  each kept subset is cut out as two static rectangles (see `index_tables.ring_slices`),
-  so the result is identical, borders wrapping around included.
-  """
-  batch = x.shape[0]
-  parts = []
-  for row_sign, col_sign in index_tables.RING_ROLL_SIGNS:
-    rolled = jnp.roll(x, (row_sign * expand, col_sign * expand), axis=(1, 2))
-    b, height, width, channels = rolled.shape
-    # [B, nWh, ws, nWw, ws, C] -> [B, nWh, nWw, ws, ws, C]
-    windows = rolled.reshape(b, height // window, window, width // window, window, channels)
-    windows = windows.transpose(0, 1, 3, 2, 4, 5)
-    for rows, cols in index_tables.ring_slices(window, expand, row_sign, col_sign):
-      part = windows[:, :, :, rows, cols]  # [B, nWh, nWw, r, c, C]
-      parts.append(part.reshape(batch, part.shape[1], part.shape[2], -1, channels))
-  return jnp.concatenate(parts, axis=3)
-
-
 def unfold_neighbourhood(x: jnp.ndarray, focal_window: int, level: int) -> jnp.ndarray:
   """Neighbourhood of each window in a pooled map: [B, nWh*s, nWw*s, C] -> [B, nWh, nWw, K, C].
 
