@@ -282,4 +282,7 @@ def _int_keys(tree: Any) -> Any:
 
 
 def log_restore(step: int, meta: dict[str, Any]) -> None:
-  logging.info("Restored checkpoint step %d (data position %s).", step, meta.get("data_step"))
+  position = meta.get("data_position")
+  logging.info("Restored checkpoint step %d (data: %s).", step,
+               f"epoch, record per process {position}" if position is not None
+               else f"step {meta.get('data_step')}")
