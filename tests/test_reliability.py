@@ -234,7 +234,8 @@ def _poison(monkeypatch, step):
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
     tmp_path, digits_dir, monkeypatch):
-  # Saves at 4 and 8; step 5 goes wrong and is read back (one step late) during step 6.
+  # Saves at 4 and 8; step 5 goes wrong and is read back (loop.IN_FLIGHT = 2 steps late)
+  # during step 7.
   config = digits_config(data_dir=digits_dir, num_train_steps=8, checkpoint_every_steps=4,
                          log_every_steps=100)
   workdir = str(tmp_path / "run")

@@ -6,8 +6,8 @@
 
 Everything that can be refused (config, workdir, a checkpoint of another model or setup)
 is refused before the dataset is prepared or anything is compiled. Each step's loss and
-gradient norm are read back one step later (the device keeps a step queued); a non-finite
-one stops the run naming its step, before anything non-finite is saved. SIGTERM saves and
+gradient norm are read back two steps later (the device keeps working meanwhile); a
+non-finite one stops the run naming its step, before anything non-finite is saved. SIGTERM saves and
 stops; with several processes the stop is agreed through a one-flag all-reduce per step,
 so every process saves the same step. A checkpoint that cannot be read is moved aside and
 the previous one restored.
@@ -40,6 +40,9 @@ from focal_jax.training.train_step import make_train_step
 
 CHECKPOINT_DIR = "checkpoints"
 EXPORT_DIR = "export"
+# Steps dispatched but not yet read back (outside log, eval and save steps): enough to keep
+# the device busy while the host fetches the next batch.
+IN_FLIGHT = 2
 
 
 @dataclasses.dataclass
@@ -477,8 +480,8 @@ def _steps(run: _Run, ckpt: checkpoint.Checkpointer, writer: metrics.MetricWrite
       save_now = (config.checkpoint_every_steps > 0 and step % config.checkpoint_every_steps == 0
                   ) or is_last
       stopping = vote is None and stop.requested  # one process: its own signal decides
-      # The previous step is read back while this one runs; all of them before a save.
-      if settle(0 if (log_now or eval_now or save_now or stopping) else 1):
+      # Earlier steps are read back while the newest ones run; all of them before a save.
+      if settle(0 if (log_now or eval_now or save_now or stopping) else IN_FLIGHT):
         stopping = True
         settle(0)
       if log_now or stopping:
