@@ -458,3 +458,91 @@ def test_focal_digits_eval_shards_cover_the_split_once(digits_builder):
   assert sum(len(x) for x in labels) == 364
   expected = [e["label"] for e in tfds.as_numpy(digits_builder.as_dataset(split="test"))]
   assert sorted(np.concatenate(labels)) == sorted(expected)
+
+
+# ----------------------------------------------------------------------------------------
+# (6) undecodable images: counted and skipped, not fatal; resuming stays exact.
+# ----------------------------------------------------------------------------------------
+
+CORRUPT_TRAIN_GOOD, CORRUPT_VAL_GOOD = 13, 4
+
+
+def _garbage(rng: np.random.Generator) -> list[tuple[str, bytes]]:
+  """Files that are not images: noise, a truncated JPEG, an empty file, text."""
+  truncated = _jpeg(_photo(40, 48, seed=5))
+  return [("noise", rng.bytes(300)), ("truncated", truncated[:len(truncated) // 3]),
+          ("empty", b""), ("text", b"<html>Not found</html>")]
+
+
+@pytest.fixture(scope="module")
+def corrupt_imagenet_dir(tmp_path_factory) -> str:
+  """ImageNet tars with garbage among the JPEGs: 13 good + 3 bad train images (class 0),
+  4 good + 2 bad validation images."""
+  data_dir = tmp_path_factory.mktemp("tfds_corrupt")
+  manual = data_dir / "downloads" / "manual"
+  manual.mkdir(parents=True)
+  wnids, _ = _imagenet_labels()
+  rng = np.random.default_rng(1)
+  bad = _garbage(rng)
+  with tarfile.open(manual / "ILSVRC2012_img_train.tar", "w") as train:
+    inner = io.BytesIO()
+    with tarfile.open(fileobj=inner, mode="w") as per_class:
+      for k in range(CORRUPT_TRAIN_GOOD):
+        _add_bytes(per_class, f"{wnids[0]}_{k + 1}.JPEG", _jpeg(_photo(36, 44, seed=k)))
+      for k, (_, payload) in enumerate(bad[:3]):
+        _add_bytes(per_class, f"{wnids[0]}_{100 + k}.JPEG", payload)
+    _add_bytes(train, f"{wnids[0]}.tar", inner.getvalue())
+  val_files = [_jpeg(_photo(40, 40, seed=20 + k)) for k in range(CORRUPT_VAL_GOOD)]
+  val_files[1:1] = [bad[0][1], bad[3][1]]  # two bad ones among the good
+  with tarfile.open(manual / "ILSVRC2012_img_val.tar", "w") as val:
+    for index, payload in enumerate(val_files):
+      _add_bytes(val, f"ILSVRC2012_val_{index + 1:08d}.JPEG", payload)
+  return str(data_dir)
+
+
+def test_undecodable_images_are_counted_and_skipped(corrupt_imagenet_dir):
+  builder = data.get_builder("imagenet2012", corrupt_imagenet_dir)
+  assert builder.info.splits["train"].num_examples == CORRUPT_TRAIN_GOOD + 3
+  kwargs = dict(split="train", global_batch_size=4, config=SMALL, seed=0, process_index=0,
+                process_count=1, shuffle_buffer=16, with_positions=True)
+  records = data.records_per_epoch(builder, "train", 4, 1)
+  assert records == 16  # every record is read each epoch
+  run = data.train_iterator(builder, **kwargs)
+  batches = [next(run) for _ in range(8)]  # 32 examples: two epochs of 13, and more
+  for batch in batches:
+    assert batch["image"].shape == (4, 32, 32, 3) and np.isfinite(batch["image"]).all()
+  epochs = np.concatenate([b["epoch"] for b in batches])
+  positions = np.concatenate([b["position"] for b in batches])
+  for epoch in (0, 1):  # the same 3 records are skipped in each epoch, the other 13 read once
+    seen = positions[epochs == epoch]
+    assert len(seen) == len(set(seen)) == CORRUPT_TRAIN_GOOD
+  linear = epochs * records + positions
+  assert np.all(np.diff(linear) > 0)  # in stream order
+  # Resuming at the record after batch 4 yields batches 5, 6, 7 bit for bit.
+  last = batches[4]
+  resumed = data.train_iterator(
+      builder, start_position=(int(last["epoch"][-1]), int(last["position"][-1]) + 1), **kwargs)
+  for expected in batches[5:8]:
+    got = next(resumed)
+    np.testing.assert_array_equal(got["image"], expected["image"])
+    np.testing.assert_array_equal(got["position"], expected["position"])
+  # Without positions the batches are the plain {"image", "label"} ones.
+  plain = next(data.train_iterator(builder, **{**kwargs, "with_positions": False}))
+  assert set(plain) == {"image", "label"}
+  np.testing.assert_array_equal(plain["image"], batches[0]["image"])
+  # Evaluation: the bad images are left out, every good one counted once, batches padded.
+  ds, num_batches = data.create_eval_dataset(builder, split="validation", global_batch_size=4,
+                                             config=SMALL, process_index=0, process_count=1)
+  evaluated = list(ds.as_numpy_iterator())
+  assert data.split_size(builder, "validation") == CORRUPT_VAL_GOOD + 2
+  assert num_batches == len(evaluated) == 2
+  assert sum(int(b["mask"].sum()) for b in evaluated) == CORRUPT_VAL_GOOD
+  # A split in which nothing decodes is an error, not an endless search for an image.
+  encoded = [e["image"] for e in tfds.as_numpy(builder.as_dataset(
+      split="train", decoders={"image": tfds.decode.SkipDecoding()}))]
+  bad = next(i for i, payload in enumerate(encoded) if not payload.startswith(b"\xff\xd8\xff")
+             or len(payload) < 1000)
+  hopeless = data.train_iterator(builder, **{**kwargs, "split": f"train[{bad}:{bad + 1}]",
+                                             "global_batch_size": 1})
+  with pytest.raises(tf.errors.InvalidArgumentError, match="No image of a whole epoch"):
+    next(hopeless)

@@ -349,15 +349,13 @@ def test_one_step_end_to_end(tmp_path, digits_dir):
   assert not all(np.array_equal(ema[k], trained[k]) for k in trained)
 
 
-def test_loop_runs_on_mock_imagenet(tmp_path, monkeypatch):
+def test_loop_runs_on_mock_imagenet(tmp_path):
   """The imagenet2012 path (1000 classes, JPEGs of random sizes) through the loop, with
-  bfloat16 compute (parameters stay float32)."""
+  bfloat16 compute (parameters stay float32). Mocked data needs no preparation, so no
+  manual tars are asked for (the real builder is tested on generated tars in test_data.py)."""
   import tensorflow_datasets as tfds  # noqa: PLC0415
   config = tiny_config(dataset="imagenet2012", num_train_steps=1, eval_batch_size=8,
                        dtype="bfloat16", **{"mesh.data": 1})
-  # Mocked data is never "prepared", and preparing imagenet2012 needs the manual tars:
-  # take the builder as is (the real builder is tested on generated tars in test_data.py).
-  monkeypatch.setattr(input, "get_builder", lambda config: tfds.builder(config.dataset))
   with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
     result = loop.train_and_evaluate(config, str(tmp_path / "run"))
   assert result.step == 1 and result.eval_metrics["eval/examples"] == 20

@@ -24,6 +24,8 @@ from focal_jax.data.input_pipeline import (
     get_builder,
     local_batch_size,
     num_classes,
+    records_per_epoch,
+    split_size,
     train_iterator,
     train_steps_per_epoch,
 )
@@ -34,6 +36,6 @@ __all__ = [
     "IMAGENET_MANUAL_FILES", "IMAGENET_MEAN", "IMAGENET_STD", "AugmentConfig", "FocalDigits",
     "ManualDownloadError", "MixupConfig", "RandAugment", "create_eval_dataset",
     "create_train_dataset", "eval_transform", "get_builder", "local_batch_size", "mixup_cutmix",
-    "num_classes", "random_erasing", "random_resized_crop_window", "train_iterator",
-    "train_steps_per_epoch", "train_transform",
+    "num_classes", "random_erasing", "random_resized_crop_window", "records_per_epoch",
+    "split_size", "train_iterator", "train_steps_per_epoch", "train_transform",
 ]

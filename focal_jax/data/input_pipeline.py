@@ -17,6 +17,13 @@ most one epoch of records): the batches that follow are bit-identical to an unin
 run's. Across epochs the order changes only as far as the shuffle buffer reaches, so give
 ImageNet a large `shuffle_buffer` (memory: about 110 kB per buffered JPEG).
 
+Undecodable images (corrupt, truncated, an unknown format) are skipped, never fatal: the
+batch is filled from the records that follow. With `with_positions=True` every example
+carries its (epoch, position) in the process's stream, so the caller counts the skipped
+records and resumes exactly with `start_position` (the next record to read) even after
+skips; without skips, `start_step` alone says the same. An epoch in which no image at all
+decodes is an error (rather than an endless search for one).
+
 `imagenet2012` is prepared from the two manual tar files on first use.
 """
 
@@ -102,11 +109,19 @@ def get_builder(name: str, data_dir: str | None = None, *, manual_dir: str | Non
 
 
 def _prepare(builder: tfds.core.DatasetBuilder, manual_dir: str | None) -> None:
+  """download_and_prepare; a failure for want of the ImageNet tars is a ManualDownloadError.
+
+  The tars are looked for only when TFDS fails, so wherever preparation needs no files
+  (e.g. under `tfds.testing.mock_data`, where it does nothing) nothing is asked for.
+  """
   manual_dir = manual_dir or default_manual_dir(builder)
-  if builder.name == "imagenet2012":
-    check_imagenet_manual_files(manual_dir)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=manual_dir, try_download_gcs=False))
+  try:
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=manual_dir, try_download_gcs=False))
+  except Exception:
+    if builder.name == "imagenet2012":
+      check_imagenet_manual_files(manual_dir)  # raises the clear error when they are missing
+    raise
 
 
 # ----------------------------------------------------------------------------------------
@@ -130,7 +145,7 @@ def local_batch_size(global_batch_size: int, process_count: int | None = None) -
   return global_batch_size // count
 
 
-def _split_size(builder: tfds.core.DatasetBuilder, split: str) -> int:
+def split_size(builder: tfds.core.DatasetBuilder, split: str) -> int:
   """Number of examples in a (sub)split; counts the dataset when the metadata cannot tell
   (e.g. under tfds.testing.mock_data)."""
   try:
@@ -155,7 +170,7 @@ def train_steps_per_epoch(builder: tfds.core.DatasetBuilder, split: str, global_
   """Steps in one epoch: (examples per process) // (local batch size)."""
   _, count = _process(0, process_count)
   local = local_batch_size(global_batch_size, count)
-  steps = _split_size(builder, train_split_for_process(split, 0, count)) // local
+  steps = split_size(builder, train_split_for_process(split, 0, count)) // local
   if steps == 0:
     raise ValueError(f"Split {split!r} of {builder.name} has fewer examples per process than "
                      f"the local batch size {local}; lower the batch size.")
@@ -197,45 +212,84 @@ def _options(threads: int | None) -> tf.data.Options:
 def create_train_dataset(
     builder: tfds.core.DatasetBuilder, *, split: str = "train", global_batch_size: int,
     config: AugmentConfig = AugmentConfig(), seed: int = 0, start_step: int = 0,
-    shuffle_buffer: int = 10_000, process_index: int | None = None,
-    process_count: int | None = None, threads: int | None = None,
+    start_position: tuple[int, int] | None = None, shuffle_buffer: int = 10_000,
+    process_index: int | None = None, process_count: int | None = None,
+    threads: int | None = None, with_positions: bool = False,
 ) -> tf.data.Dataset:
-  """Endless training batches of this process's share, starting at global step `start_step`.
+  """Endless training batches of this process's share, starting at global step `start_step`
+  (or at record `start_position = (epoch, record)` of this process's stream, which wins).
 
   Deterministic in (seed, process_index); a pipeline created with start_step=s yields exactly
-  the batches s, s+1, ... of one created with start_step=0.
+  the batches s, s+1, ... of one created with start_step=0 (when no image was skipped before
+  step s; `start_position` is exact either way). With `with_positions`, batches also hold
+  "epoch" and "position" (int64 [B]): where each example sits in the stream.
   """
   _hide_accelerators_from_tf()
   index, count = _process(process_index, process_count)
   local = local_batch_size(global_batch_size, count)
   steps = train_steps_per_epoch(builder, split, global_batch_size, count)
-  start_epoch, within = divmod(start_step, steps)
+  records_per_epoch = steps * local  # the last partial batch of the share is dropped
+  if start_position is None:
+    start_epoch, within = divmod(start_step, steps)
+    start_position = (start_epoch, within * local)
+  start_epoch, start_record = normalize_position(start_position, records_per_epoch)
   # Records in file order (TFDS shuffled them globally when it wrote the files).
   records = builder.as_dataset(
       split=train_split_for_process(split, index, count), shuffle_files=False,
       decoders={"image": tfds.decode.SkipDecoding()},
       read_config=tfds.ReadConfig(try_autocache=False))
   records = records.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
-
-  def _epoch(epoch):  # -> (key, position, example) for the steps * local examples of an epoch
-    key = _epoch_key(seed, index, epoch)
-    shuffled = records.shuffle(shuffle_buffer, seed=key, reshuffle_each_iteration=False)
-    shuffled = shuffled.take(steps * local).enumerate()  # drop the last partial batch
-    return shuffled.map(lambda position, example: (key, position, example))
-
-  ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(_epoch)
-  ds = ds.skip(within * local)  # skipped records are read, never decoded
-
   transform = _traced_train_transform(config)
+  size = config.image_size
 
-  def _augment(key, position, example):
+  def _augment(key, epoch, position, example):
     example_seed = tf.stack([key, position])
     return {"image": transform(example["image"], example_seed),
-            "label": tf.cast(example["label"], tf.int32)}
+            "label": tf.cast(example["label"], tf.int32), "epoch": epoch, "position": position}
 
-  ds = ds.map(_augment, num_parallel_calls=tf.data.AUTOTUNE)
+  def _epoch(epoch):  # augmented examples of one epoch (skipped ones left out), then a marker
+    key = _epoch_key(seed, index, epoch)
+    first = tf.where(epoch == start_epoch, tf.constant(start_record, tf.int64), 0)
+    shuffled = records.shuffle(shuffle_buffer, seed=key, reshuffle_each_iteration=False)
+    shuffled = shuffled.take(records_per_epoch).enumerate().skip(first)  # skips never decode
+    examples = shuffled.map(lambda position, example: _augment(key, epoch, position, example),
+                            num_parallel_calls=tf.data.AUTOTUNE)
+    end = {"image": tf.zeros([size, size, 3], tf.float32),
+           "label": tf.cast(records_per_epoch - first, tf.int32),  # records this epoch read
+           "epoch": epoch, "position": tf.constant(-1, tf.int64)}
+    return examples.ignore_errors().concatenate(tf.data.Dataset.from_tensors(end))
+
+  def _check(decoded, example):  # decoded: examples of the epoch so far
+    is_end = example["position"] < 0
+    nothing = is_end & (decoded == 0) & (tf.cast(example["label"], tf.int64) == records_per_epoch)
+    check = tf.debugging.Assert(tf.logical_not(nothing), [
+        f"No image of a whole epoch of split {split!r} of {builder.name} (process {index}) "
+        "could be decoded; check the dataset files and their image format. Epoch:",
+        example["epoch"]])
+    with tf.control_dependencies([check]):
+      return tf.where(is_end, tf.constant(0, tf.int64), decoded + 1), example
+
+  ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(_epoch)
+  ds = ds.scan(tf.constant(0, tf.int64), _check).filter(lambda ex: ex["position"] >= 0)
+  if not with_positions:
+    ds = ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
   ds = ds.batch(local, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(threads))
+
+
+def normalize_position(position: tuple[int, int], records_per_epoch: int) -> tuple[int, int]:
+  """(epoch, record) with record < records_per_epoch: the end of an epoch is the next one's start."""
+  epoch, record = (int(v) for v in position)
+  extra, record = divmod(record, records_per_epoch)
+  return epoch + extra, record
+
+
+def records_per_epoch(builder: tfds.core.DatasetBuilder, split: str, global_batch_size: int,
+                      process_count: int | None = None) -> int:
+  """Records one process reads per epoch of training (its share, whole local batches)."""
+  count = jax.process_count() if process_count is None else process_count
+  return (train_steps_per_epoch(builder, split, global_batch_size, count)
+          * local_batch_size(global_batch_size, count))
 
 
 def train_iterator(builder: tfds.core.DatasetBuilder, **kwargs) -> Iterator[dict[str, np.ndarray]]:
@@ -251,14 +305,14 @@ def create_eval_dataset(
   """This process's share of an eval split, in order, padded; returns (dataset, num_batches).
 
   Every process yields the same number of batches (so collective steps line up); padding
-  examples are zero images with label 0 and "mask" False. Real examples have mask True.
+  examples are zero images with label 0 and "mask" False. Real examples have mask True;
+  undecodable images are skipped (compare the masks' sum with `split_size`).
   """
   _hide_accelerators_from_tf()
   index, count = _process(process_index, process_count)
   local = local_batch_size(global_batch_size, count)
   shares = tfds.even_splits(split, n=count, drop_remainder=False)
-  largest = _split_size(builder, shares[0])  # even_splits puts the remainder first
-  own = largest if index == 0 else _split_size(builder, shares[index])
+  largest = split_size(builder, shares[0])  # even_splits puts the remainder first
   num_batches = math.ceil(largest / local)
   ds = builder.as_dataset(split=shares[index], shuffle_files=False,
                           decoders={"image": tfds.decode.SkipDecoding()})
@@ -269,13 +323,13 @@ def create_eval_dataset(
     return {"image": transform(example["image"]),
             "label": tf.cast(example["label"], tf.int32), "mask": tf.constant(True)}
 
-  ds = ds.map(_preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-  padding = num_batches * local - own
-  if padding:
-    size = config.image_size
-    pad = {"image": tf.zeros([size, size, 3], tf.float32), "label": tf.constant(0, tf.int32),
-           "mask": tf.constant(False)}
-    ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(padding))
+  # Undecodable images are left out (the caller sees fewer examples than the split holds);
+  # the padding then fills in for them too.
+  ds = ds.map(_preprocess, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+  size = config.image_size
+  pad = {"image": tf.zeros([size, size, 3], tf.float32), "label": tf.constant(0, tf.int32),
+         "mask": tf.constant(False)}
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat()).take(num_batches * local)
   ds = ds.batch(local, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(threads)), num_batches
 

@@ -2,8 +2,10 @@
 
 Training checkpoints: `<workdir>/checkpoints/<step>/{state, meta}`; `state` is the whole
 TrainState (params, optimiser, EMA, step, RNG), `meta` a JSON with the data position and
-the model description. Saves are asynchronous; the last `keep` are kept. Restoring builds
-its targets on the current mesh, so a checkpoint restores onto any device count.
+the model description. Saves are asynchronous (written to a temporary directory, renamed
+when complete); the last `keep` are kept. Restoring builds its targets on the current mesh,
+so a checkpoint restores onto any device count. A step that cannot be read is moved to
+`<workdir>/damaged_checkpoints/` (`set_aside`), never deleted.
 
 Parameter export (what the conversion CLI reads), a directory with:
   params/      orbax StandardSave of the parameters as a pure dict mirroring the model tree,
@@ -19,17 +21,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 import focal_jax
 
 EXPORT_FORMAT = "focal_jax.params/1"
+DAMAGED_DIR = "damaged_checkpoints"
 MODEL_JSON = "model.json"
 PARAMS_DIR = "params"
 
@@ -37,19 +42,58 @@ PARAMS_DIR = "params"
 class Checkpointer:
   """CheckpointManager over `<workdir>/checkpoints` with a state item and a JSON meta item."""
 
-  def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
+               cleanup: bool = True):
     self.directory = os.path.abspath(directory)
+    # `cleanup` removes temporary directories: what a killed save leaves behind, never a
+    # complete step (only the run that writes the directory may do it).
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep > 0 else None, create=True,
-        enable_async_checkpointing=async_save)
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=cleanup)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "meta"))
+    # The cleanup runs in a background thread; finish it before anything else touches the
+    # directory (orbax itself waits for it only at the first save).
+    await_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
+    if cleanup and await_cleanup is not None:
+      await_cleanup()
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
+    return sorted(self.manager.all_steps())
+
+  def state_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+    """{path: shape} of every array in the saved state, from its metadata (no array read)."""
+    handler = ocp.StandardCheckpointHandler()
+    try:
+      meta = handler.metadata(epath.Path(self.directory) / str(step) / "state")
+    finally:
+      handler.close()
+    tree = getattr(meta, "tree", meta)
+    if tree is None:
+      raise ValueError(f"No array metadata in {self.directory}/{step}/state.")
+    return {_path_name(path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+  def set_aside(self, step: int) -> str:
+    """Moves step `step` (damaged) to `<workdir>/damaged_checkpoints/<step>[-n]`; returns
+    that path. Process 0 moves it; every process then sees the step gone."""
+    aside_root = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
+    target = os.path.join(aside_root, str(step))
+    suffix = 1
+    while os.path.exists(target):
+      target = os.path.join(aside_root, f"{step}-{suffix}")
+      suffix += 1
+    if jax.process_index() == 0:
+      os.makedirs(aside_root, exist_ok=True)
+      shutil.move(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # noqa: PLC0415
+      multihost_utils.sync_global_devices(f"focal_jax set aside checkpoint {step}")
+    self.manager.reload()
+    return target
 
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
     """Starts an asynchronous save of `state` (any pytree of jax.Arrays) at `step`."""
@@ -198,6 +242,37 @@ def load_workdir_model(workdir: str, ema: bool = False, step: int | None = None
   return model_from_params(description, state[key], f"{directory}/{step}"), description
 
 
+def _path_name(path: tuple[Any, ...]) -> str:
+  """A pytree key path as 'opt_state/1/0/mu/head/kernel' (list indices and keys alike)."""
+  return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def state_differences(saved: dict[str, tuple[int, ...]], target: Any, limit: int = 4
+                      ) -> list[str]:
+  """How a saved state's arrays ({path: shape}, `state_shapes`) differ from `target`'s
+  (a pytree of arrays or ShapeDtypeStructs); empty when they fit."""
+  wanted = {_path_name(path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(target)}
+  missing = sorted(set(wanted) - set(saved))
+  unexpected = sorted(set(saved) - set(wanted))
+  reshaped = sorted(p for p in set(wanted) & set(saved) if wanted[p] != saved[p])
+  differences = []
+  if missing:
+    differences.append(f"{len(missing)} array(s) this config needs are not in it: "
+                       f"{_some(missing, limit)}")
+  if unexpected:
+    differences.append(f"{len(unexpected)} saved array(s) this config has no place for: "
+                       f"{_some(unexpected, limit)}")
+  if reshaped:
+    differences.append(f"{len(reshaped)} array(s) of another shape, e.g. {reshaped[0]}: "
+                       f"saved {saved[reshaped[0]]}, this config {wanted[reshaped[0]]}")
+  return differences
+
+
+def _some(names: list[str], limit: int) -> str:
+  return ", ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
 def _int_keys(tree: Any) -> Any:
   """Orbax stores list indices as string keys; turn '0' back into 0."""
   if isinstance(tree, dict):
@@ -207,4 +282,7 @@ def _int_keys(tree: Any) -> Any:
 
 
 def log_restore(step: int, meta: dict[str, Any]) -> None:
-  logging.info("Restored checkpoint step %d (data position %s).", step, meta.get("data_step"))
+  position = meta.get("data_position")
+  logging.info("Restored checkpoint step %d (data: %s).", step,
+               f"epoch, record per process {position}" if position is not None
+               else f"step {meta.get('data_step')}")

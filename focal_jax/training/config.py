@@ -16,6 +16,7 @@ import focal_jax
 
 MODES = ("train", "eval")
 DTYPES = ("float32", "bfloat16", "float16")
+CPU_COLLECTIVES = ("gloo", "mpi", "")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -94,6 +95,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.distributed.coordinator_address = ""
   c.distributed.num_processes = 0
   c.distributed.process_id = -1
+  # Collectives between the CPU devices of several processes ("gloo" or "mpi"; "" = JAX's
+  # default). Only the CPU backend uses it; TPUs and GPUs have their own interconnect.
+  c.distributed.cpu_collectives = "gloo"
 
   c.log_every_steps = 50
   c.eval_every_steps = 0  # 0 = once per epoch; the end of training is always evaluated
@@ -134,6 +138,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      f"{', '.join(focal_jax.VARIANTS)} (or '' to build from model.overrides).")
   if config.mode not in MODES:
     raise ValueError(f"mode={config.mode!r}; expected one of {MODES}.")
+  if config.distributed.cpu_collectives not in CPU_COLLECTIVES:
+    raise ValueError(f"distributed.cpu_collectives={config.distributed.cpu_collectives!r}; "
+                     f"expected one of {CPU_COLLECTIVES}.")
   if config.dtype not in DTYPES:
     raise ValueError(f"dtype={config.dtype!r}; expected one of {DTYPES}.")
   if config.batch_size <= 0:

@@ -1,13 +1,23 @@
 """`train_and_evaluate(config, workdir)`: the whole run, resumable by running it again.
 
-    builder -> model spec -> mesh + shardings -> restore latest checkpoint or init ->
+    config checks -> model spec -> workdir checks -> checkpoint compatibility ->
+    dataset -> mesh + shardings -> restore the newest readable checkpoint or init ->
     for each step: batch -> train step -> log / evaluate / checkpoint -> final save, export.
+
+Everything that can be refused (config, workdir, a checkpoint of another model or setup)
+is refused before the dataset is prepared or anything is compiled. Each step's loss and
+gradient norm are read back two steps later (the device keeps working meanwhile); a
+non-finite one stops the run naming its step, before anything non-finite is saved. SIGTERM saves and
+stops; with several processes the stop is agreed through a one-flag all-reduce per step,
+so every process saves the same step. A checkpoint that cannot be read is moved aside and
+the previous one restored.
 
 `config.mode = "eval"` evaluates a checkpoint (or an export) instead of training.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -20,14 +30,19 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
+from flax import nnx
 
-from focal_jax.training import checkpoint, evaluate, input, metrics, optim, sharding
+from focal_jax.training import checkpoint, evaluate, input, metrics, optim, preflight, sharding
 from focal_jax.training import train_state as ts
 from focal_jax.training.config import validate_config
 from focal_jax.training.train_step import make_train_step
 
 CHECKPOINT_DIR = "checkpoints"
 EXPORT_DIR = "export"
+# Steps dispatched but not yet read back (outside log, eval and save steps): enough to keep
+# the device busy while the host fetches the next batch.
+IN_FLIGHT = 2
 
 
 @dataclasses.dataclass
@@ -44,6 +59,8 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
   d = config.distributed
   if not d.enabled or jax.distributed.is_initialized():
     return
+  if d.cpu_collectives:  # CPU devices of several processes talk through gloo (or MPI)
+    jax.config.update("jax_cpu_collectives_implementation", d.cpu_collectives)
   kwargs = {}
   if d.coordinator_address:
     kwargs = dict(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
@@ -85,16 +102,23 @@ class _StopRequest:
 
   def _handle(self, signum, frame):
     del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint and stopping after this step.")
+    logging.warning("SIGTERM received: saving a checkpoint and stopping after this step (with "
+                    "several processes, after the step at which they all know).")
     self.requested = True
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    if threading.current_thread() is threading.main_thread():
+      # None: the previous handler was not Python's (e.g. set in C); the default is closest.
+      signal.signal(signal.SIGTERM, self._previous if self._previous is not None
+                    else signal.SIG_DFL)
 
 
 class _Run:
-  """Everything a run builds once: data, model, mesh, shardings, optimiser, steps."""
+  """Everything a run builds once: model, mesh, data, shardings, optimiser, steps.
+
+  The constructor is cheap (no dataset preparation, no compilation), so the checks that
+  need the model run before `prepare()` does the expensive part.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     self.config = config
@@ -105,9 +129,17 @@ class _Run:
       raise ValueError(
           f"batch_size={config.batch_size} is not a multiple of the {divisor} devices the batch "
           f"is split over (mesh data x fsdp); use a multiple of {divisor}.")
-    self.builder = input.get_builder(config)
+    self.builder = input.get_builder(config, prepare=False)
     self.num_classes = input.num_classes(self.builder)
     self.spec = ts.model_spec_from_config(config, self.num_classes)
+    self.use_ema = config.ema_decay > 0
+    self.description = checkpoint.model_description(
+        self.spec.name, self.num_classes, self.spec.img_size, self.spec.json_overrides())
+
+  def prepare(self) -> None:
+    """Prepares the dataset (first use) and builds schedule, optimiser, shardings, eval step."""
+    config = self.config
+    self.builder = input.get_builder(config)
     self.steps_per_epoch = input.steps_per_epoch(self.builder, config)
     if config.num_train_steps > 0:
       self.total_steps = int(config.num_train_steps)
@@ -115,7 +147,6 @@ class _Run:
       self.total_steps = max(1, math.ceil(config.num_epochs * self.steps_per_epoch))
     self.schedule = optim.schedule_fn(config, self.steps_per_epoch, self.total_steps)
     self.tx = optim.make_optimizer(config, self.schedule)
-    self.use_ema = config.ema_decay > 0
     self.abstract, self.shardings = ts.state_shardings(self.tx, self.spec, self.mesh, self.use_ema)
     self.rest = ts.init_rest(self.spec, self.mesh)
     self.rest_shardings = jax.tree.map(lambda _: sharding.replicated(self.mesh), self.rest)
@@ -123,13 +154,29 @@ class _Run:
                                                     self.mesh)
     self.eval_step = evaluate.make_eval_step(self.spec, self.mesh, self.shardings.params,
                                              self.rest_shardings)
-    self.description = checkpoint.model_description(
-        self.spec.name, self.num_classes, self.spec.img_size, self.spec.json_overrides())
+    logging.info("Model %s: %d classes, %d parameters; mesh %s; %d steps (%d per epoch).",
+                 self.spec.name or "custom", self.num_classes, self.num_params(),
+                 dict(self.mesh.shape), self.total_steps, self.steps_per_epoch)
+
+  def num_params(self) -> int:
+    return sum(math.prod(x.shape) for x in
+               jax.tree.leaves(nnx.to_pure_dict(self.spec.abstract_params)))
+
+  def checkpoint_bytes(self) -> int:
+    """Bytes a checkpoint (parameters, two Adam moments, EMA) and the export take."""
+    return 4 * self.num_params() * (4 + self.use_ema)  # float32
 
   def evaluate(self, params: Any) -> dict[str, Any]:
     batches, _ = input.eval_batches(self.builder, self.config, self.eval_batch_size)
-    return evaluate.evaluate(self.eval_step, params, self.rest, batches, self.mesh,
-                             self.config.eval_steps)
+    results = evaluate.evaluate(self.eval_step, params, self.rest, batches, self.mesh,
+                                self.config.eval_steps)
+    if self.config.eval_steps < 0:  # a full pass: images that did not decode were skipped
+      skipped = input.eval_examples(self.builder, self.config) - results["eval/examples"]
+      results["eval/skipped"] = skipped
+      if skipped:
+        logging.warning("%d image(s) of the eval split %r could not be decoded and were left "
+                        "out of the evaluation.", skipped, self.config.eval_split)
+    return results
 
   def evaluate_all(self, state: ts.TrainState) -> dict[str, Any]:
     results = self.evaluate(state.params)
@@ -148,11 +195,130 @@ class _Run:
           f"The checkpoint in {where} is of another model: {json.dumps(saved)}; this config "
           f"builds {json.dumps(mine)}. Use another workdir, or a config for that model.")
 
-  def meta(self, step: int) -> dict[str, Any]:
+  def check_setup(self, meta: dict[str, Any], where: str) -> None:
+    """Settings that change what the train state holds (EMA parameters, the clipping
+    state) must match the checkpoint's."""
+    saved = meta.get("config") or {}
+    changed = []
+    if "ema" in meta and bool(meta["ema"]) != self.use_ema:
+      changed.append(f"ema_decay={saved.get('ema_decay', 'on' if meta['ema'] else 0.0)} (EMA "
+                     f"{'on' if meta['ema'] else 'off'}), this config ema_decay="
+                     f"{self.config.ema_decay}")
+    clip = saved.get("grad_clip_norm")
+    if clip is not None and (clip > 0) != (self.config.grad_clip_norm > 0):
+      changed.append(f"grad_clip_norm={clip}, this config grad_clip_norm="
+                     f"{self.config.grad_clip_norm}")
+    if changed:
+      raise ValueError(
+          f"The checkpoint in {where} was written with {'; '.join(changed)}. Switching EMA or "
+          "gradient clipping on or off changes the train state, so the run cannot resume from "
+          "it: set these back to the checkpoint's values, or use another workdir.")
+
+  def check_state_fits(self, ckpt: checkpoint.Checkpointer, step: int, meta: dict[str, Any],
+                       target: Any) -> None:
+    """The saved arrays (from their metadata) against the state this config builds."""
+    try:
+      saved = ckpt.state_shapes(step)
+    except Exception:  # noqa: BLE001  unreadable metadata: restoring tells if the step is damaged
+      return
+    differences = checkpoint.state_differences(saved, target)
+    if differences:
+      changes = _config_changes(meta.get("config") or {}, self.config)
+      raise ValueError(
+          f"The checkpoint in {ckpt.directory}/{step} does not fit the train state this config "
+          f"builds: {'; '.join(differences)}. "
+          + (f"This config differs from the checkpoint's in {changes}. " if changes else "")
+          + "Resume with the settings it was written with (in its meta and in "
+          f"{self.workdir}/config.json), or use another workdir.")
+
+  def check_latest_checkpoint(self, ckpt: checkpoint.Checkpointer) -> None:
+    """Refuses a workdir whose newest readable checkpoint is of another model or setup
+    (before the dataset is prepared)."""
+    for step in reversed(ckpt.all_steps()):
+      try:
+        meta = ckpt.read_meta(step)
+      except Exception:  # noqa: BLE001  damaged: dealt with when restoring
+        continue
+      where = os.path.join(ckpt.directory, str(step))
+      self.check_model(meta, where)
+      self.check_setup(meta, where)
+      return
+
+  def meta(self, step: int, data: "_DataTracker") -> dict[str, Any]:
+    positions = _gather_ints([*data.position, data.skipped])
     return {"step": step, "data_step": step, "model": self.description,
+            "data_position": positions[:, :2].tolist(), "skipped_images": positions[:, 2].tolist(),
             "ema": self.use_ema, "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
             "config": json.loads(self.config.to_json_best_effort())}
+
+
+def _config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict, limit: int = 6
+                    ) -> str:
+  """'ema_decay 0.0 -> 0.99, grad_clip_norm 5.0 -> 0.0': saved config against this one."""
+  def flatten(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+      if isinstance(value, dict) and f"{prefix}{key}" != "model.overrides":
+        out.update(flatten(value, f"{prefix}{key}."))
+      else:
+        out[f"{prefix}{key}"] = value
+    return out
+
+  mine = flatten(json.loads(config.to_json_best_effort()))
+  theirs = flatten(saved)
+  changed = [f"{k} {theirs[k]!r} -> {mine[k]!r}" for k in sorted(set(mine) & set(theirs))
+             if mine[k] != theirs[k]]
+  return ", ".join(changed[:limit]) + (f" (+{len(changed) - limit} more)"
+                                       if len(changed) > limit else "")
+
+
+def _gather_ints(values: list[int]) -> np.ndarray:
+  """int64 [processes, len(values)]: every process's `values` (a collective)."""
+  local = np.asarray(values, np.int64)
+  if jax.process_count() == 1:
+    return local[None]
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  return np.asarray(multihost_utils.process_allgather(local)).reshape(jax.process_count(), -1)
+
+
+class _DataTracker:
+  """This process's place in its training stream (the next record to read) and the
+  undecodable images it has skipped, from the positions the batches carry."""
+
+  def __init__(self, position: tuple[int, int], records_per_epoch: int, skipped: int = 0):
+    self.records_per_epoch = records_per_epoch
+    self.next_record = position[0] * records_per_epoch + position[1]  # over all epochs
+    self.skipped = skipped
+
+  @classmethod
+  def from_meta(cls, meta: dict[str, Any], step: int, run: _Run) -> "_DataTracker":
+    records = input.records_per_epoch(run.builder, run.config)
+    positions, skipped = meta.get("data_position"), meta.get("skipped_images")
+    if positions is not None and len(positions) == jax.process_count():
+      index = jax.process_index()
+      return cls(tuple(positions[index]), records, int(skipped[index]))
+    if positions is not None:
+      logging.warning("The checkpoint was written by %d processes and this run has %d: each "
+                      "process's data share changes, so the data continues from step %d's "
+                      "nominal position.", len(positions), jax.process_count(), step)
+    epoch, within = divmod(step, run.steps_per_epoch)
+    return cls((epoch, within * (records // run.steps_per_epoch)), records)
+
+  @property
+  def position(self) -> tuple[int, int]:
+    return divmod(self.next_record, self.records_per_epoch)
+
+  def consume(self, batch: dict[str, np.ndarray]) -> None:
+    linear = batch["epoch"].astype(np.int64) * self.records_per_epoch + batch["position"]
+    last = int(linear[-1])
+    skipped = last + 1 - self.next_record - len(linear)
+    if skipped:
+      self.skipped += skipped
+      logging.warning("Skipped %d training image(s) that could not be decoded (epoch %d, before "
+                      "record %d of this process's share); %d so far.", skipped,
+                      last // self.records_per_epoch, last % self.records_per_epoch, self.skipped)
+    self.next_record = last + 1
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
@@ -166,97 +332,186 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
   _quiet_library_logs()
   maybe_initialize_distributed(config)
   workdir = os.path.abspath(workdir)
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
   run = _Run(config, workdir)
-  logging.info("Model %s: %d classes, %d parameters; mesh %s; %d steps (%d per epoch).",
-               run.spec.name or "custom", run.num_classes,
-               sum(math.prod(x.shape) for x in jax.tree.leaves(run.abstract.params)),
-               dict(run.mesh.shape), run.total_steps, run.steps_per_epoch)
-  if config.mode == "eval":
+  training = config.mode != "eval"
+  preflight.check_workdir(workdir, run.checkpoint_bytes() if training else 0,
+                          config.keep_checkpoints if training else 0)
+  if not training:
     return _eval_mode(run)
-  return _train(run)
-
-
-def _train(run: _Run) -> RunResult:
-  config, workdir = run.config, run.workdir
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), config.keep_checkpoints)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    run.check_model(ckpt.read_meta(latest), ckpt.directory)
-    state, meta = ckpt.restore(latest, ts.with_shardings(run.abstract, run.shardings))
-    checkpoint.log_restore(latest, meta)
-  else:
-    state = ts.create_train_state(run.spec, run.tx, run.shardings, run.mesh, config.seed)
-  start = int(jax.device_get(state.step))
-  writer = metrics.MetricWriter(workdir, resume_step=start)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  try:
+    run.check_latest_checkpoint(ckpt)
+    run.prepare()
+  except BaseException:
+    ckpt.close()
+    raise
+  return _train(run, ckpt)
+
+
+def _restore(run: _Run, ckpt: checkpoint.Checkpointer
+             ) -> tuple[ts.TrainState, dict[str, Any], int] | None:
+  """(state, meta, step) of the newest checkpoint that reads back; None without one.
+
+  A step that cannot be read (a missing or truncated file) is moved to
+  `<workdir>/damaged_checkpoints/` with a warning, and the previous one is tried. A
+  checkpoint of another model or setup is an error (never skipped: the older ones would
+  not fit either).
+  """
+  target = ts.with_shardings(run.abstract, run.shardings)
+  moved = []
+  for step in reversed(ckpt.all_steps()):
+    where = os.path.join(ckpt.directory, str(step))
+    restored, problem = None, None
+    try:
+      meta = ckpt.read_meta(step)
+    except Exception as error:  # noqa: BLE001  any read failure means a damaged step
+      problem = error
+    if problem is None:
+      run.check_model(meta, where)
+      run.check_setup(meta, where)
+      run.check_state_fits(ckpt, step, meta, target)
+      try:
+        restored = ckpt.restore(step, target)
+      except Exception as error:  # noqa: BLE001
+        problem = error
+    if preflight.all_processes_ok(problem is None):
+      state, meta = restored
+      checkpoint.log_restore(step, meta)
+      if moved:
+        logging.warning("Resumed from step %d, the newest complete checkpoint.", step)
+      return state, meta, step
+    reason = (f"{type(problem).__name__}: {problem}" if problem is not None
+              else "another process could not read it")
+    aside = ckpt.set_aside(step)
+    logging.warning("Checkpoint %s cannot be read (%s). Moved it to %s; trying the one before.",
+                    where, reason, aside)
+    moved.append(aside)
+  if moved:
+    raise RuntimeError(
+        f"No checkpoint in {ckpt.directory} can be read; the damaged ones are now in "
+        f"{os.path.dirname(moved[0])}. Rerun to start from scratch, or put intact copies back.")
+  return None
+
+
+def _train(run: _Run, ckpt: checkpoint.Checkpointer) -> RunResult:
+  config, workdir = run.config, run.workdir
+  writer = None
+  try:
+    restored = _restore(run, ckpt)
+    if restored is None:
+      state, meta, last_saved = ts.create_train_state(
+          run.spec, run.tx, run.shardings, run.mesh, config.seed), {}, None
+    else:
+      state, meta, last_saved = restored
+    start = int(jax.device_get(state.step))
+    data = _DataTracker.from_meta(meta, start, run)
+    writer = metrics.MetricWriter(workdir, resume_step=start)
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    step, state, last_eval = _steps(run, ckpt, writer, state, start, data, last_saved)
+    ckpt.wait()
+    if step >= run.total_steps and config.export_params:
+      path = checkpoint.export_params(os.path.join(workdir, EXPORT_DIR), state.params,
+                                      run.description)
+      logging.info("Exported the parameters for inference / conversion to %s.", path)
+  finally:  # an error still lets the save in flight finish: the last checkpoint stays whole
+    if writer is not None:
+      writer.close()
+    ckpt.close()
+  metrics.plot_curves(workdir)
+  return RunResult(step=step, state=state, eval_metrics=last_eval)
+
+
+def _steps(run: _Run, ckpt: checkpoint.Checkpointer, writer: metrics.MetricWriter,
+           state: ts.TrainState, start: int, data: _DataTracker, last_saved: int | None
+           ) -> tuple[int, ts.TrainState, dict[str, Any]]:
+  """The training steps from `start`: -> (last step, state, last eval)."""
+  config = run.config
   train_step = make_train_step(config, run.spec, run.tx, run.schedule, run.mesh, run.shardings,
                                run.rest_shardings)
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else run.steps_per_epoch
   last_eval: dict[str, Any] = {}
-  last_saved = latest
   step = start
   if start >= run.total_steps:
     logging.info("Checkpoint step %d already reaches num_train_steps=%d.", start, run.total_steps)
-  batches = input.train_batches(run.builder, config, start) if start < run.total_steps else iter(())
-  pending: list[dict[str, jax.Array]] = []
+    return step, state, last_eval
+  batches = input.train_batches(run.builder, config, start, data.position)
+  # Several processes stop together: each step carries every process's SIGTERM flag.
+  vote = sharding.any_process_flag(run.mesh) if jax.process_count() > 1 else None
+  in_flight: collections.deque = collections.deque()  # (step, metrics, vote) not read back yet
+  settled: list[dict[str, float]] = []  # metrics read back since the last progress line
+
+  def settle(keep: int) -> bool:
+    """Reads back all but the newest `keep` steps; raises at a non-finite loss or gradient
+    norm. Returns whether any process asked to stop in those steps."""
+    stop_voted = False
+    while len(in_flight) > keep:
+      number, values, voted = in_flight.popleft()
+      values = {k: float(v) for k, v in jax.device_get(values).items()}
+      if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+        raise FloatingPointError(
+            f"Step {number}: the training loss is {values['loss']} and the gradient norm "
+            f"{values['grad_norm']}; stopping before anything non-finite is saved. The last "
+            f"checkpoint ({'step ' + str(last_saved) if last_saved else 'none yet'}) is intact "
+            "and a rerun resumes from it: lower base_lr, keep grad_clip_norm > 0, or check the "
+            f"data of step {number}.")
+      settled.append(values)
+      stop_voted |= voted is not None and bool(jax.device_get(voted))
+    return stop_voted
+
   interval_start, interval_steps = time.time(), 0
   with _StopRequest() as stop:
     while step < run.total_steps:
       local = next(batches)
+      data.consume(local)
       batch = sharding.global_batch({"image": local["image"], "label": local["label"]}, run.mesh)
       state, step_metrics = train_step(state, batch, run.rest)
       step += 1
       interval_steps += 1
-      pending.append(step_metrics)
+      in_flight.append((step, step_metrics, vote(stop.requested) if vote else None))
       if step == start + 1:
         jax.block_until_ready(step_metrics)
         logging.info("First step (compilation included) took %.1f s.", time.time() - interval_start)
         interval_start, interval_steps = time.time(), 0
       is_last = step == run.total_steps
-      if step % config.log_every_steps == 0 or is_last or stop.requested:
-        fetched = jax.device_get(pending)
-        pending = []
+      log_now = step % config.log_every_steps == 0 or is_last
+      eval_now = step % eval_every == 0 or is_last
+      save_now = (config.checkpoint_every_steps > 0 and step % config.checkpoint_every_steps == 0
+                  ) or is_last
+      stopping = vote is None and stop.requested  # one process: its own signal decides
+      # Earlier steps are read back while the newest ones run; all of them before a save.
+      if settle(0 if (log_now or eval_now or save_now or stopping) else IN_FLIGHT):
+        stopping = True
+        settle(0)
+      if log_now or stopping:
         elapsed = time.time() - interval_start
         seconds_per_step = elapsed / max(interval_steps, 1)
-        record = {"train/loss": sum(float(m["loss"]) for m in fetched) / len(fetched),
-                  "train/lr": float(fetched[-1]["lr"]),
-                  "train/grad_norm": float(fetched[-1]["grad_norm"]),
+        record = {"train/loss": sum(m["loss"] for m in settled) / len(settled),
+                  "train/lr": settled[-1]["lr"], "train/grad_norm": settled[-1]["grad_norm"],
                   "train/img_per_sec": (config.batch_size / seconds_per_step
                                         if interval_steps else 0.0),
-                  "train/epoch": step / run.steps_per_epoch}
-        if not math.isfinite(record["train/loss"]):
-          raise FloatingPointError(
-              f"The training loss is {record['train/loss']} at step {step}; stopping. The last "
-              f"checkpoint ({last_saved}) is intact: lower base_lr or check the data.")
+                  "train/epoch": step / run.steps_per_epoch,
+                  "train/skipped_images": int(_gather_ints([data.skipped]).sum())}
+        settled.clear()
         writer.write(step, record)
         logging.info(metrics.progress_line(step, run.total_steps, record["train/loss"],
                                            record["train/lr"], record["train/img_per_sec"],
                                            seconds_per_step))
         interval_start, interval_steps = time.time(), 0
-      if step % eval_every == 0 or is_last:
+      if eval_now:
         last_eval = run.evaluate_all(state)
         writer.write(step, last_eval)
         logging.info("eval at step %d: %s", step, _format(last_eval))
         interval_start, interval_steps = time.time(), 0
-      if (config.checkpoint_every_steps > 0 and step % config.checkpoint_every_steps == 0
-          ) or is_last or stop.requested:
-        ckpt.save(step, state, run.meta(step))
+      if save_now or stopping:
+        ckpt.save(step, state, run.meta(step, data))
         last_saved = step
-      if stop.requested:
+      if stopping:
+        logging.warning("Stopped at step %d of %d after SIGTERM; rerun the same command to "
+                        "continue.", step, run.total_steps)
         break
-  ckpt.wait()
-  if step >= run.total_steps and config.export_params:
-    path = checkpoint.export_params(os.path.join(workdir, EXPORT_DIR), state.params,
-                                    run.description)
-    logging.info("Exported the parameters for inference / conversion to %s.", path)
-  writer.close()
-  ckpt.close()
-  metrics.plot_curves(workdir)
-  return RunResult(step=step, state=state, eval_metrics=last_eval)
+  return step, state, last_eval
 
 
 def _eval_mode(run: _Run) -> RunResult:
@@ -267,6 +522,7 @@ def _eval_mode(run: _Run) -> RunResult:
   if checkpoint.is_export(path):
     description = checkpoint.read_description(path)
     run.check_model({"model": description}, path)
+    run.prepare()
     target = ts.with_shardings(run.abstract.params, run.shardings.params)
     params = checkpoint.load_exported_params(path, target)
     step, results = -1, run.evaluate(params)
@@ -278,14 +534,18 @@ def _eval_mode(run: _Run) -> RunResult:
       raise FileNotFoundError(
           f"No checkpoint at {path}: expected an export directory (with "
           f"{checkpoint.MODEL_JSON}), a checkpoints directory or one step of it.")
-    ckpt = checkpoint.Checkpointer(directory, keep=0, async_save=False)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"{directory} holds no checkpoint; train first or point "
-                              "checkpoint_path at one.")
-    run.check_model(ckpt.read_meta(step), directory)
-    state, _ = ckpt.restore(step, ts.with_shardings(run.abstract, run.shardings))
-    ckpt.close()
+    # Never clean up here: a run may be writing into this directory right now.
+    ckpt = checkpoint.Checkpointer(directory, keep=0, async_save=False, cleanup=False)
+    try:
+      step = ckpt.latest_step() if step is None else step
+      if step is None:
+        raise FileNotFoundError(f"{directory} holds no checkpoint; train first or point "
+                                "checkpoint_path at one.")
+      run.check_model(ckpt.read_meta(step), directory)
+      run.prepare()
+      state, _ = ckpt.restore(step, ts.with_shardings(run.abstract, run.shardings))
+    finally:
+      ckpt.close()
     results = run.evaluate_all(state)
   writer = metrics.MetricWriter(workdir)
   writer.write(step, {**results, "eval/checkpoint": path})

@@ -9,7 +9,7 @@ every device ('data' and 'fsdp' together); FSDP additionally shards the model wi
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -141,3 +141,17 @@ def describe(shardings: Any) -> dict[str, int]:
     key = str(s.spec)
     counts[key] = counts.get(key, 0) + 1
   return counts
+
+
+def any_process_flag(mesh: Mesh) -> Callable[[bool], jax.Array]:
+  """Returns `vote(flag) -> bool []` (replicated, asynchronous): True when `flag` is True on
+  any process. Every process must call it at the same point; it adds one tiny all-reduce."""
+  sharding = batch_sharding(mesh)
+  local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+  reduce = jax.jit(lambda flags: flags.any(), out_shardings=replicated(mesh))
+
+  def vote(flag: bool) -> jax.Array:
+    local = np.full((local_devices,), bool(flag))
+    return reduce(jax.make_array_from_process_local_data(sharding, local))
+
+  return vote

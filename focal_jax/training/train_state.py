@@ -107,8 +107,9 @@ def init_rest(spec: ModelSpec, mesh: Mesh) -> Any:
       return jax.random.wrap_key_data(jnp.zeros((*leaf.shape, 2), jnp.uint32))
     return jnp.zeros(leaf.shape, leaf.dtype)
 
-  rest = jax.tree.map(placeholder, spec.abstract_rest)
-  return jax.device_put(rest, sharding.replicated(mesh))
+  # Created by a jitted function: with several processes a device_put cannot reach them all.
+  return jax.jit(lambda: jax.tree.map(placeholder, spec.abstract_rest),
+                 out_shardings=sharding.replicated(mesh))()
 
 
 def rng_data(seed: int) -> jax.Array:
@@ -148,6 +149,6 @@ def create_train_state(spec: ModelSpec, tx: optax.GradientTransformation, shardi
   ema = None
   if shardings.ema_params is not None:
     ema = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.ema_params)(params)
-  rep = sharding.replicated(mesh)
-  return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params,
-                    opt_state=opt_state, ema_params=ema, rng=jax.device_put(rng_data(seed), rep))
+  step, rng = jax.jit(lambda: (jnp.zeros((), jnp.int32), rng_data(seed)),
+                      out_shardings=sharding.replicated(mesh))()
+  return TrainState(step=step, params=params, opt_state=opt_state, ema_params=ema, rng=rng)
