@@ -31,6 +31,15 @@ def test_count_flops_reports_official_and_xla():
   assert bigger["official"] > counts["official"] and bigger["xla"] > counts["xla"]
 
 
+def test_xla_flops_count_every_scanned_block():
+  config = {**SMALL, "depths": (1, 1, 4, 1)}
+  scanned = nnx.eval_shape(lambda: focal_jax.create_model(None, num_classes=10, **config))
+  unrolled = nnx.eval_shape(
+      lambda: focal_jax.create_model(None, num_classes=10, scan_blocks=False, **config))
+  assert scanned.layers[2].block_runs == ((0, 4),)
+  assert flops.xla_flops(scanned) == pytest.approx(flops.xla_flops(unrolled), rel=1e-6)
+
+
 def test_summary_lists_stages(capsys):
   summary.main(["--model", "focal_tiny"])
   out = capsys.readouterr().out
