@@ -201,11 +201,8 @@ def reference_kwargs(args: argparse.Namespace) -> dict[str, Any]:
   """Official constructor arguments of the benchmarked variant."""
   from focal_jax.models import make_config
 
-  config = make_config(args.model, num_classes=args.num_classes, img_size=args.img_size,
-                       **model_overrides(args))
-  kwargs = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-            if f.name not in ("dtype", "remat", "scan_blocks")}
-  return {k: list(v) if isinstance(v, tuple) and k != "img_size" else v for k, v in kwargs.items()}
+  return make_config(args.model, num_classes=args.num_classes, img_size=args.img_size,
+                     **model_overrides(args)).official_kwargs()
 
 
 def run_torch(args: argparse.Namespace) -> Result:

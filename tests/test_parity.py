@@ -6,7 +6,6 @@ tolerance (2e-5 max abs on logits of magnitude ~5) is tight enough that a tanh G
 a LayerNorm eps of 1e-6 fails it, which `test_comparison_is_sensitive` checks.
 """
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -25,14 +24,10 @@ TOLERANCE = 2e-5
 REDUCED = dict(depths=(1, 1, 2, 1))  # every variant at reduced depth
 SMALL = dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), num_classes=17,
              focal_levels=(2, 2, 2, 2))
-_OURS_ONLY = ("dtype", "remat", "scan_blocks")
 
 
 def reference_model(config) -> "torch.nn.Module":
-  kwargs = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-            if f.name not in _OURS_ONLY}
-  kwargs = {k: list(v) if isinstance(v, tuple) and k != "img_size" else v for k, v in kwargs.items()}
-  return reference.FocalTransformer(**kwargs)
+  return reference.FocalTransformer(**config.official_kwargs())
 
 
 def randomise_(model: "torch.nn.Module", seed: int) -> None:

@@ -11,6 +11,10 @@ FOCAL_POOLS = ("fc", "conv", "mean", "max", "none")
 EXPAND_LAYERS = ("all", "even", "odd")
 
 
+# Options this project adds to the official constructor's.
+PROJECT_OPTIONS = ("dtype", "remat", "scan_blocks")
+
+
 @dataclasses.dataclass(frozen=True)
 class FocalConfig:
   """Hyperparameters of a Focal Transformer, named as in the official constructor.
@@ -53,6 +57,14 @@ class FocalConfig:
   dtype: Any = jnp.float32
   remat: bool = False
   scan_blocks: bool = True
+
+  def official_kwargs(self) -> dict[str, Any]:
+    """The official constructor's keyword arguments for this model (without this project's
+    additions; sequences as lists, `img_size` as a pair)."""
+    kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+              if f.name not in PROJECT_OPTIONS}
+    return {k: list(v) if isinstance(v, tuple) and k != "img_size" else v
+            for k, v in kwargs.items()}
 
   @property
   def num_layers(self) -> int:
