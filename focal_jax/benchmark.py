@@ -58,6 +58,8 @@ class Result:
   device_peak_mb: float | None = None  # jax: device memory_stats() peak, where reported
   other_cpu: float | None = None  # CPU cores busy with other processes while timing (noise)
   compile_peak_rss_mb: float | None = None  # jax: peak RSS up to the end of compilation
+  page_faults: float | None = None  # minor page faults per timed call (fresh memory touched)
+  kernel_cpu_s: float | None = None  # CPU seconds per timed call spent in the kernel
   error: str | None = None
 
 
@@ -89,12 +91,26 @@ def _busy_cpu_seconds() -> float | None:
   return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def _timed_calls(call: Callable[[], Any], warmup: int,
-                 repeats: int) -> tuple[list[float], float | None]:
-  """Per-call wall times, and how many cores other processes kept busy meanwhile."""
+@dataclasses.dataclass
+class Timing:
+  """What `_timed_calls` measured."""
+
+  times: list[float]  # wall seconds per call
+  other_cpu: float | None  # cores other processes kept busy meanwhile
+  page_faults: float  # minor page faults per call
+  kernel_cpu_s: float  # system CPU seconds per call
+
+
+def _timed_calls(call: Callable[[], Any], warmup: int, repeats: int) -> Timing:
+  """Times `repeats` calls after `warmup` untimed ones.
+
+  Page faults and kernel time per call show how much freshly mapped memory a call
+  touches: on virtual machines a first touch of a 4 KiB page costs microseconds.
+  """
   for _ in range(warmup):
     call()
   times = []
+  usage = resource.getrusage(resource.RUSAGE_SELF)
   busy, own, start_all = _busy_cpu_seconds(), sum(os.times()[:2]), time.perf_counter()
   for _ in range(repeats):
     start = time.perf_counter()
@@ -105,7 +121,9 @@ def _timed_calls(call: Callable[[], Any], warmup: int,
     elapsed = time.perf_counter() - start_all
     others = (_busy_cpu_seconds() - busy) - (sum(os.times()[:2]) - own)
     other = max(0.0, others / elapsed)
-  return times, other
+  after = resource.getrusage(resource.RUSAGE_SELF)
+  return Timing(times, other, (after.ru_minflt - usage.ru_minflt) / repeats,
+                (after.ru_stime - usage.ru_stime) / repeats)
 
 
 def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -184,14 +202,17 @@ def run_jax(args: argparse.Namespace) -> Result:
   del compiled
   call()  # step 1: must reuse the compilation above (jit's cache) ...
   compiles_before = len(compiles)
-  times, other = _timed_calls(call, args.warmup, args.repeats)
+  timing = _timed_calls(call, args.warmup, args.repeats)
   recompiles = len(compiles) - compiles_before  # ... and nothing compiles after it
   stats = jax.devices()[0].memory_stats() or {}
   device_peak = stats.get("peak_bytes_in_use")
   return Result("jax", args.worker_mode, args.model, args.img_size, args.batch, args.dtype,
-                args.batch / statistics.median(times), times, compile_s, _peak_rss_mb(), base_rss,
-                recompiles=recompiles, xla_temp_mb=xla_temp_mb, compile_peak_rss_mb=compile_peak_mb,
-                device_peak_mb=device_peak / 2**20 if device_peak else None, other_cpu=other)
+                args.batch / statistics.median(timing.times), timing.times, compile_s,
+                _peak_rss_mb(), base_rss, recompiles=recompiles, xla_temp_mb=xla_temp_mb,
+                compile_peak_rss_mb=compile_peak_mb,
+                device_peak_mb=device_peak / 2**20 if device_peak else None,
+                other_cpu=timing.other_cpu, page_faults=timing.page_faults,
+                kernel_cpu_s=timing.kernel_cpu_s)
 
 
 # ----------------------------------------------------------------------- PyTorch
@@ -240,10 +261,11 @@ def run_torch(args: argparse.Namespace) -> Result:
   start = time.perf_counter()
   call()
   first_s = time.perf_counter() - start
-  times, other = _timed_calls(call, args.warmup, args.repeats)
+  timing = _timed_calls(call, args.warmup, args.repeats)
   return Result("torch", args.worker_mode, args.model, args.img_size, args.batch, args.dtype,
-                args.batch / statistics.median(times), times, first_s, _peak_rss_mb(), base_rss,
-                other_cpu=other)
+                args.batch / statistics.median(timing.times), timing.times, first_s,
+                _peak_rss_mb(), base_rss, other_cpu=timing.other_cpu,
+                page_faults=timing.page_faults, kernel_cpu_s=timing.kernel_cpu_s)
 
 
 # ---------------------------------------------------------------- orchestration
@@ -299,8 +321,10 @@ def environment() -> dict[str, str]:
     except ImportError:
       versions[name] = "not installed"
   load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+  allocator = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
+                       if k == "GLIBC_TUNABLES" or k.startswith("MALLOC_")) or "default"
   return {"cpu": cpu, "cores": str(num_cores()), "python": platform.python_version(),
-          **versions, "load average (1/5/15 min)": load}
+          **versions, "allocator settings": allocator, "load average (1/5/15 min)": load}
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -314,8 +338,8 @@ def results_table(results: list[Result]) -> str:
   by_key = {(r.framework, r.mode, r.img_size, r.batch): r for r in results}
   lines = ["| framework | mode | img | batch | dtype | img/s | JAX/PyTorch | first call s "
            "| peak RSS MiB | peak RSS by compile end MiB | RSS after imports MiB | XLA temp MiB "
-           "| recompiles | other CPU |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| recompiles | page faults / call | kernel CPU s / call | other CPU |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in results:
     ratio = "-"
     other = by_key.get(("torch", r.mode, r.img_size, r.batch))
@@ -327,7 +351,8 @@ def results_table(results: list[Result]) -> str:
         f"{_fmt(r.images_per_s)} | {ratio} | {first} | {_fmt(r.peak_rss_mb, 0)} | "
         f"{_fmt(r.compile_peak_rss_mb, 0)} | "
         f"{_fmt(r.base_rss_mb, 0)} | {_fmt(r.xla_temp_mb, 0)} | "
-        f"{r.recompiles if r.framework == 'jax' else '-'} | {_fmt(r.other_cpu)} |")
+        f"{r.recompiles if r.framework == 'jax' else '-'} | {_fmt(r.page_faults, 0)} | "
+        f"{_fmt(r.kernel_cpu_s)} | {_fmt(r.other_cpu)} |")
   errors = [f"- {r.framework} {r.mode} {r.img_size}: {r.error}" for r in results if r.error]
   return "\n".join(lines + ([""] + errors if errors else []))
 

@@ -19,6 +19,8 @@ def test_benchmark_measures_both_frameworks_and_writes_a_report(tmp_path):
     assert len(result.step_s) == 2 and all(t > 0 for t in result.step_s)
     assert result.peak_rss_mb >= result.base_rss_mb > 0
     assert result.first_call_s > 0
+    assert result.page_faults is not None and result.page_faults >= 0
+    assert result.kernel_cpu_s is not None and result.kernel_cpu_s >= 0
   jax_train = results[2]
   assert jax_train.recompiles == 0, "the training step recompiled after its first call"
   assert jax_train.xla_temp_mb is not None and jax_train.xla_temp_mb > 0
@@ -26,6 +28,21 @@ def test_benchmark_measures_both_frameworks_and_writes_a_report(tmp_path):
   assert "| jax | train | 64 | 2 | float32 |" in text
   ratio = results[2].images_per_s / results[3].images_per_s
   assert f"{ratio:.2f}x" in text  # the JAX / PyTorch column
+  assert "allocator settings: " in text
+
+
+def test_timed_calls_count_the_pages_a_call_touches_first():
+  import mmap
+
+  import numpy as np
+
+  def touch_fresh_memory():  # maps 16 MiB and writes one byte per 4 KiB page
+    with mmap.mmap(-1, 16 * 2**20) as memory:
+      np.frombuffer(memory, np.uint8)[::4096] = 1
+
+  timing = benchmark._timed_calls(touch_fresh_memory, 0, 2)
+  assert len(timing.times) == 2
+  assert timing.page_faults >= 16 * 2**20 / 4096 * 0.9
 
 
 def test_growth_lines_compare_per_image_cost_with_the_smallest_size():

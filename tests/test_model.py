@@ -8,6 +8,7 @@ from flax import nnx
 
 import focal_jax
 from conftest import OFFICIAL_OPTIONS, SMALL, images
+from focal_jax.models import focal_transformer
 
 
 def param_count(model):
@@ -184,12 +185,13 @@ def test_remat_gives_the_same_gradients():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g2)
 
 
-def test_scanned_blocks_match_unrolled_blocks_in_training():
+def test_scanned_blocks_match_unrolled_blocks_in_training(monkeypatch):
   """Runs of identical blocks under `lax.scan`: same outputs, RNG draws and gradients."""
+  monkeypatch.setattr(focal_transformer, "SCAN_MIN_BLOCKS", 4)  # scan this short run
   config = {**SMALL, "depths": (1, 1, 4, 1), "drop_path_rate": 0.5}
   scanned = focal_jax.create_model(None, num_classes=3, **config)
   unrolled = focal_jax.create_model(None, num_classes=3, scan_blocks=False, **config)
-  assert scanned.layers[2].block_runs == ((0, 4),)
+  assert scanned.layers[2].scanned_runs == ((0, 4),)
   assert unrolled.layers[2].block_runs == ((0, 1), (1, 2), (2, 3), (3, 4))
   x = jnp.asarray(images(8))
 
@@ -201,3 +203,13 @@ def test_scanned_blocks_match_unrolled_blocks_in_training():
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-8), g1, g2)
   assert not np.allclose(np.asarray(l1), np.asarray(loss_and_grad(scanned)[0]))
+
+
+def test_only_long_runs_of_blocks_are_scanned():
+  """Focal-B's 18 identical stage-3 blocks run under `lax.scan`; Focal-T's 6 stay unrolled
+  (stacking their parameters would cost more run time than the scan saves compile time)."""
+  for name, scanned in (("focal_tiny", ()), ("focal_base", ((0, 18),))):
+    model = nnx.eval_shape(lambda: focal_jax.create_model(name))
+    assert [layer.scanned_runs for layer in model.layers] == [(), (), scanned, ()]
+  unrolled = nnx.eval_shape(lambda: focal_jax.create_model("focal_base", scan_blocks=False))
+  assert all(layer.scanned_runs == () for layer in unrolled.layers)
