@@ -27,6 +27,65 @@ from focal_jax.models import index_tables, windows
 from focal_jax.models.layers import axes, dense, trunc_normal
 
 
+def _unbroadcast(x: jnp.ndarray, shape: tuple[int, ...]) -> jnp.ndarray:
+  """Sums `x` over the leading axes and the axes that `shape` broadcasts (size 1)."""
+  x = x.sum(axis=tuple(range(x.ndim - len(shape))))
+  axes_to_sum = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
+  return x.sum(axis=axes_to_sum, keepdims=True)
+
+
+def _contract_queries(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+  """sum_q a[.., q, d] b[.., q, k] -> [.., k, d]: the key and value gradients.
+
+  XLA:CPU runs a batched product that contracts the second-to-last axis of both operands
+  as a slow loop (15-25 GFLOP/s here). Transposing the small operand a to [.., d, q] and
+  computing [.., d, k] lets it call its matrix kernels instead; the optimisation barriers
+  keep XLA from folding the two transposes back into the product.
+  """
+  barrier = jax.lax.optimization_barrier
+  a_t = barrier(jnp.swapaxes(a, -1, -2))  # [.., d, q]
+  return jnp.swapaxes(barrier(jnp.matmul(a_t, b)), -1, -2)  # [.., d, k] -> [.., k, d]
+
+
+@jax.custom_vjp
+def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, bias: jnp.ndarray) -> jnp.ndarray:
+  """softmax(q k^T + bias) v over the key axis, with a backward pass laid out for XLA.
+
+  q: [.., Q, D]; k, v: [.., K, D]; bias: broadcastable to [.., Q, K] (float32 or wider).
+  Logits, softmax and bias are float32 at least (also for bfloat16 q, k, v); the result has
+  v's dtype. The normalisation follows the product with v: sum_k e_k v_k / sum_k e_k
+  divides [.., Q, D] instead of [.., Q, K].
+  """
+  return _attend_forward(q, k, v, bias)[0]
+
+
+def _attend_forward(q, k, v, bias):
+  logits = jnp.einsum("...qd,...kd->...qk", q, k)
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32)) + bias
+  weights = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
+  total = weights.sum(axis=-1, keepdims=True)  # [.., Q, 1]
+  out = (jnp.einsum("...qk,...kd->...qd", weights.astype(v.dtype), v) / total).astype(v.dtype)
+  probabilities = (weights / total).astype(v.dtype)  # [.., Q, K], kept for the backward pass
+  return out, (q, k, v, bias, probabilities, out)
+
+
+def _attend_backward(residuals, d_out):
+  q, k, v, bias, probabilities, out = residuals
+  wide = jnp.promote_types(d_out.dtype, jnp.float32)
+  d_probabilities = jnp.einsum("...qd,...kd->...qk", d_out, v).astype(wide)
+  # d logits = p * (dp - sum_k p dp), and sum_k p_k dp_k = sum_d d_out_d out_d.
+  row = (d_out.astype(wide) * out.astype(wide)).sum(axis=-1, keepdims=True)  # [.., Q, 1]
+  d_logits = probabilities.astype(wide) * (d_probabilities - row)  # [.., Q, K]
+  d_q = jnp.einsum("...qk,...kd->...qd", d_logits.astype(k.dtype), k)
+  d_k = _contract_queries(q, d_logits.astype(q.dtype))
+  d_v = _contract_queries(d_out, probabilities)
+  d_bias = _unbroadcast(d_logits, bias.shape).astype(bias.dtype)
+  return d_q, d_k.astype(k.dtype), d_v.astype(v.dtype), d_bias
+
+
+attend.defvjp(_attend_forward, _attend_backward)
+
+
 class FocalWindowAttention(nnx.Module):
   """Multi-head focal attention for square windows of side `window_size`.
 
@@ -153,19 +212,23 @@ class FocalWindowAttention(nnx.Module):
     k = jnp.concatenate(keys, axis=4)  # [B, nWh, nWw, nH, keys, hd]
     v = jnp.concatenate(values, axis=4)
 
-    logits = jnp.einsum("bxyhqd,bxyhkd->bxyhqk", q, k)  # [B, nWh, nWw, nH, ws*ws, keys]
     mask = self.static_mask((n_rows, n_cols), shift_mask)[:, :, None]  # [nWh, nWw, 1, *, keys]
-    # Biases, masks and softmax in float32 at least, also for bfloat16 activations.
-    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-    logits = logits + (self.position_bias() + mask)
-    # Softmax with the normalisation moved after the product with v: sum_k e_k v_k / sum_k e_k
-    # divides [.., ws*ws, hd] instead of [.., ws*ws, keys], and the backward pass needs no
-    # reduction over the keys. Dropping e_k equals dropping the normalised weight.
-    weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
-    total = weights.sum(axis=-1, keepdims=True)  # [B, nWh, nWw, nH, ws*ws, 1]
-    weights = self.attn_drop(weights.astype(v.dtype))
-    out = jnp.einsum("bxyhqk,bxyhkd->bxyhqd", weights, v)  # [B, nWh, nWw, nH, ws*ws, hd]
-    out = (out / total).astype(v.dtype)
+    bias = self.position_bias() + mask  # [nWh, nWw, nH, ws*ws or 1, keys], float32
+    if self.attn_drop.rate == 0.0 or self.attn_drop.deterministic:
+      out = attend(q, k, v, bias)  # [B, nWh, nWw, nH, ws*ws, hd]
+    else:
+      out = self._attend_with_dropout(q, k, v, bias)
     out = out.reshape(batch, n_rows, n_cols, heads, ws, ws, head_dim)
     out = out.transpose(0, 1, 4, 2, 5, 3, 6).reshape(batch, height, width, dim)
     return self.proj_drop(self.proj(out))
+
+  def _attend_with_dropout(self, q, k, v, bias):
+    """`attend` with attention dropout (differentiated by JAX): dropping e_k before the
+    normalisation equals dropping the normalised weight."""
+    logits = jnp.einsum("bxyhqd,bxyhkd->bxyhqk", q, k)  # [B, nWh, nWw, nH, ws*ws, keys]
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32)) + bias
+    weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
+    total = weights.sum(axis=-1, keepdims=True)  # [B, nWh, nWw, nH, ws*ws, 1]
+    weights = self.attn_drop(weights.astype(v.dtype))
+    out = jnp.einsum("bxyhqk,bxyhkd->bxyhqd", weights, v)
+    return (out / total).astype(v.dtype)
