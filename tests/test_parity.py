@@ -6,7 +6,6 @@ tolerance (2e-5 max abs on logits of magnitude ~5) is tight enough that a tanh G
 a LayerNorm eps of 1e-6 fails it, which `test_comparison_is_sensitive` checks.
 """
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

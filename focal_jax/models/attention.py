@@ -56,15 +56,28 @@ def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, bias: jnp.ndarray) ->
   v's dtype. The normalisation follows the product with v: sum_k e_k v_k / sum_k e_k
   divides [.., Q, D] instead of [.., Q, K].
   """
-  return _attend_forward(q, k, v, bias)[0]
+  return softmax_attention(q, k, v, bias)[0]
+
+
+def softmax_attention(q, k, v, bias, drop_weights=None):
+  """`attend`'s forward computation, differentiable by JAX: (output, e, sum_k e).
+
+  `drop_weights` (attention dropout) applies to the unnormalised weights e_k; dropping
+  e_k before the normalisation equals dropping the normalised weight.
+  """
+  logits = jnp.einsum("...qd,...kd->...qk", q, k)
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32)) + bias
+  weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
+  total = weights.sum(axis=-1, keepdims=True)  # [.., Q, 1]
+  kept = weights.astype(v.dtype)
+  if drop_weights is not None:
+    kept = drop_weights(kept)
+  out = (jnp.einsum("...qk,...kd->...qd", kept, v) / total).astype(v.dtype)
+  return out, weights, total
 
 
 def _attend_forward(q, k, v, bias):
-  logits = jnp.einsum("...qd,...kd->...qk", q, k)
-  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32)) + bias
-  weights = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
-  total = weights.sum(axis=-1, keepdims=True)  # [.., Q, 1]
-  out = (jnp.einsum("...qk,...kd->...qd", weights.astype(v.dtype), v) / total).astype(v.dtype)
+  out, weights, total = softmax_attention(q, k, v, bias)
   probabilities = (weights / total).astype(v.dtype)  # [.., Q, K], kept for the backward pass
   return out, (q, k, v, bias, probabilities, out)
 
@@ -76,10 +89,11 @@ def _attend_backward(residuals, d_out):
   # d logits = p * (dp - sum_k p dp), and sum_k p_k dp_k = sum_d d_out_d out_d.
   row = (d_out.astype(wide) * out.astype(wide)).sum(axis=-1, keepdims=True)  # [.., Q, 1]
   d_logits = probabilities.astype(wide) * (d_probabilities - row)  # [.., Q, K]
-  d_q = jnp.einsum("...qk,...kd->...qd", d_logits.astype(k.dtype), k)
-  d_k = _contract_queries(q, d_logits.astype(q.dtype))
-  d_v = _contract_queries(d_out, probabilities)
   d_bias = _unbroadcast(d_logits, bias.shape).astype(bias.dtype)
+  d_logits = d_logits.astype(q.dtype)
+  d_q = jnp.einsum("...qk,...kd->...qd", d_logits, k)
+  d_k = _contract_queries(q, d_logits)
+  d_v = _contract_queries(d_out, probabilities)
   return d_q, d_k.astype(k.dtype), d_v.astype(v.dtype), d_bias
 
 
@@ -216,19 +230,8 @@ class FocalWindowAttention(nnx.Module):
     bias = self.position_bias() + mask  # [nWh, nWw, nH, ws*ws or 1, keys], float32
     if self.attn_drop.rate == 0.0 or self.attn_drop.deterministic:
       out = attend(q, k, v, bias)  # [B, nWh, nWw, nH, ws*ws, hd]
-    else:
-      out = self._attend_with_dropout(q, k, v, bias)
+    else:  # differentiated by JAX
+      out = softmax_attention(q, k, v, bias, self.attn_drop)[0]
     out = out.reshape(batch, n_rows, n_cols, heads, ws, ws, head_dim)
     out = out.transpose(0, 1, 4, 2, 5, 3, 6).reshape(batch, height, width, dim)
     return self.proj_drop(self.proj(out))
-
-  def _attend_with_dropout(self, q, k, v, bias):
-    """`attend` with attention dropout (differentiated by JAX): dropping e_k before the
-    normalisation equals dropping the normalised weight."""
-    logits = jnp.einsum("bxyhqd,bxyhkd->bxyhqk", q, k)  # [B, nWh, nWw, nH, ws*ws, keys]
-    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32)) + bias
-    weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
-    total = weights.sum(axis=-1, keepdims=True)  # [B, nWh, nWw, nH, ws*ws, 1]
-    weights = self.attn_drop(weights.astype(v.dtype))
-    out = jnp.einsum("bxyhqk,bxyhkd->bxyhqd", weights, v)
-    return (out / total).astype(v.dtype)
