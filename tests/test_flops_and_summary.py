@@ -6,7 +6,7 @@ from flax import nnx
 
 import focal_jax
 from focal_jax import summary
-from focal_jax.models import flops
+from focal_jax.models import flops, focal_transformer
 from conftest import SMALL
 
 OFFICIAL_GFLOPS = {"focal_tiny": 4.92, "focal_tiny_conv": 5.17, "focal_small": 9.43,
@@ -31,12 +31,13 @@ def test_count_flops_reports_official_and_xla():
   assert bigger["official"] > counts["official"] and bigger["xla"] > counts["xla"]
 
 
-def test_xla_flops_count_every_scanned_block():
+def test_xla_flops_count_every_scanned_block(monkeypatch):
+  monkeypatch.setattr(focal_transformer, "SCAN_MIN_BLOCKS", 4)  # scan this short run
   config = {**SMALL, "depths": (1, 1, 4, 1)}
   scanned = nnx.eval_shape(lambda: focal_jax.create_model(None, num_classes=10, **config))
   unrolled = nnx.eval_shape(
       lambda: focal_jax.create_model(None, num_classes=10, scan_blocks=False, **config))
-  assert scanned.layers[2].block_runs == ((0, 4),)
+  assert scanned.layers[2].scanned_runs == ((0, 4),)
   assert flops.xla_flops(scanned) == pytest.approx(flops.xla_flops(unrolled), rel=1e-6)
 
 
