@@ -265,13 +265,13 @@ DAMAGED = {  # name: (writes the file at path, the message after "error: {path}"
                           r" cannot be read as .safetensors: it is damaged or not a "
                           r".safetensors file \(SafetensorError: Error while deserializing"),
     "nan.pth": (lambda p: _tensor_values(p, _nan),
-                r"The weights in {path} cannot be used:\n  1 parameters with NaN or Inf "
+                r"The weights in {path} cannot be used:\n  1 parameter\(s\) with NaN or Inf "
                 r"values:\n    layers.0.blocks.0.attn.qkv.weight: 3 of 768 values are NaN or Inf"),
     "inf.pth": (lambda p: _tensor_values(p, _inf),
-                r"The weights in {path} cannot be used:\n  1 parameters with NaN or Inf "
+                r"The weights in {path} cannot be used:\n  1 parameter\(s\) with NaN or Inf "
                 r"values:\n    layers.0.blocks.0.attn.qkv.weight: 1 of 768 values"),
     "integers.pth": (lambda p: _tensor_values(p, lambda a: np.round(a * 100).astype(np.int64)),
-                     r"The weights in {path} cannot be used:\n  1 parameters that are not "
+                     r"The weights in {path} cannot be used:\n  1 parameter\(s\) not "
                      r"floating point \(expected one of float16, bfloat16, float32, float64\):"
                      r"\n    layers.0.blocks.0.attn.qkv.weight: int64"),
 }

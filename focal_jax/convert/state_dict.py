@@ -149,9 +149,9 @@ def _float_values(state_dict: Mapping[str, Any], entries: list[Entry],
       non_finite.append(f"{entry.key}: {bad} of {value.size} values are NaN or Inf")
     values[entry.key] = value
   lines = []
-  for title, keys in ((f"parameters that are not floating point (expected one of "
+  for title, keys in ((f"parameter(s) not floating point (expected one of "
                        f"{', '.join(FLOAT_DTYPES)})", not_float),
-                      ("parameters with NaN or Inf values", non_finite)):
+                      ("parameter(s) with NaN or Inf values", non_finite)):
     if keys:
       shown = "\n    ".join(keys[:10]) + (f"\n    ... and {len(keys) - 10} more"
                                           if len(keys) > 10 else "")
