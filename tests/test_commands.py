@@ -3,13 +3,36 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import numpy as np
 
 from test_reliability import ROOT, _finish, _start
 from test_training import compilation_cache, digits_dir  # noqa: F401  (fixtures)
 
+from focal_jax.convert import files
 from focal_jax.training import checkpoint, loop, metrics
 from focal_jax.training import train_state as ts
+
+
+def readme() -> str:
+  with open(os.path.join(ROOT, "README.md")) as f:
+    return f.read()
+
+
+def _python(*args, cwd=ROOT, env=None, timeout=300) -> subprocess.CompletedProcess:
+  """`python ARGS` in a fresh process on one CPU device; fails the test on a non-zero exit."""
+  env = {k: v for k, v in (env or os.environ).items() if k != "XLA_FLAGS"}
+  result = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+  assert result.returncode == 0, f"python {' '.join(args)}:\n{result.stderr[-3000:]}"
+  return result
 
 
 def _main(tmp_path, name, workdir, *flags, timeout=300):
@@ -64,3 +87,78 @@ def test_demo_workdir_and_export_evaluate_to_their_end(tmp_path, digits_dir):  #
     assert evaluated[0][key] == exported[0][key], key
   assert exported[0]["eval/examples"] == 364 and 0 <= exported[0]["eval/top1"] <= 100
   assert os.listdir(str(tmp_path / "eval" / metrics.TENSORBOARD_DIR))
+
+  # Both conversion commands, as the README shows them: the workdir to the official format
+  # (`to-torch --checkpoint WORKDIR`), and that file back into an export of the same
+  # architecture, named as an official variant with its options.
+  out = str(tmp_path / "out.pth")
+  printed = _python("-m", "focal_jax.convert", "to-torch", "--checkpoint", workdir, "--output",
+                    out).stdout
+  assert re.fullmatch(r"wrote \d+ entries \([\d,]+ values\) of the model to " + re.escape(out)
+                      + "\n", printed), printed
+  assert set(files.load_weights_file(out)) >= {"patch_embed.proj.weight", "head.weight"}
+  overrides = demo_config().model.overrides
+  options = [arg for key, value in overrides.items()
+             for arg in ("--set", f"{key}={list(value) if isinstance(value, tuple) else value}")]
+  back = str(tmp_path / "back")
+  printed = _python("-m", "focal_jax.convert", "from-torch", "--model", "focal_tiny",
+                    "--checkpoint", out, "--output", back, "--img-size", "32", *options).stdout
+  assert printed == f"wrote 1,430,199 parameters of focal_tiny to {back}\n"
+  expected = {k: np.asarray(v) for k, v in
+              files_flat(checkpoint.load_exported_params(export)).items()}
+  got = files_flat(checkpoint.load_exported_params(back))
+  assert got.keys() == expected.keys()
+  assert all(np.array_equal(got[k], expected[k]) for k in expected)
+
+
+def files_flat(tree):
+  import jax  # noqa: PLC0415
+  return {jax.tree_util.keystr(k): np.asarray(v)
+          for k, v in jax.tree_util.tree_leaves_with_path(jax.device_get(tree))}
+
+
+def test_summary_command_prints_the_readme_table():
+  block = re.search(r"\$ python -m focal_jax.summary --model focal_tiny\n(.*?)```", readme(),
+                    re.S).group(1)
+  assert _python("-m", "focal_jax.summary", "--model", "focal_tiny").stdout == block
+
+
+def test_notebook_install_cells_outside_a_clone(tmp_path):
+  """Each notebook's first cell, run as on Colab: in a fresh environment (which sees this
+  one's packages, so nothing is downloaded), from a directory outside any clone. Without
+  FOCAL_JAX_SOURCE it stops saying what to set; with it (a path) it installs focal_jax."""
+  env_dir = tmp_path / "env"
+  subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True, timeout=120)
+  python = str(env_dir / "bin" / "python")
+  site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                        capture_output=True, text=True, check=True).stdout.strip()
+  with open(os.path.join(site, "installed_here.pth"), "w") as f:  # plain paths: no editable hooks
+    f.write("\n".join(sorted({sysconfig.get_paths()["purelib"],
+                              sysconfig.get_paths()["platlib"]})) + "\n")
+  source = tmp_path / "focal_jax_source"  # a copy: building writes into the source tree
+  source.mkdir()
+  for name in ("pyproject.toml", "README.md"):
+    shutil.copy(os.path.join(ROOT, name), source)
+  shutil.copytree(os.path.join(ROOT, "focal_jax"), source / "focal_jax",
+                  ignore=shutil.ignore_patterns("__pycache__"))
+  outside = tmp_path / "colab"
+  outside.mkdir()
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("FOCAL_JAX_OFFLINE", "FOCAL_JAX_SOURCE", "PYTHONPATH", "XLA_FLAGS")}
+  for index, name in enumerate(sorted(os.listdir(os.path.join(ROOT, "notebooks")))):
+    with open(os.path.join(ROOT, "notebooks", name)) as f:
+      cell = next(c for c in json.load(f)["cells"] if c["cell_type"] == "code")
+    script = tmp_path / f"install_{index}.py"
+    script.write_text("".join(cell["source"]))
+    if index == 0:
+      refused = subprocess.run([python, str(script)], cwd=outside, env=env, capture_output=True,
+                               text=True, timeout=300)
+      assert refused.returncode != 0
+      assert ("RuntimeError: This notebook is not inside a focal_jax clone, so it cannot tell "
+              "where to install focal_jax from: set FOCAL_JAX_SOURCE") in refused.stderr
+    installed = subprocess.run([python, str(script)], cwd=outside, capture_output=True, text=True,
+                               env={**env, "FOCAL_JAX_SOURCE": str(source)}, timeout=300)
+    assert installed.returncode == 0, f"{name}:\n{installed.stderr[-3000:]}"
+  where = subprocess.run([python, "-c", "import focal_jax; print(focal_jax.__file__)"],
+                         cwd=outside, env=env, capture_output=True, text=True, check=True)
+  assert where.stdout.strip() == os.path.join(site, "focal_jax", "__init__.py")
