@@ -117,6 +117,24 @@ def files_flat(tree):
           for k, v in jax.tree_util.tree_leaves_with_path(jax.device_get(tree))}
 
 
+def test_imagenet_training_command_names_the_missing_tars(tmp_path):
+  """`main.py --config configs/focal_base.py --workdir DIR --config.data_dir=DATA_DIR` where
+  DATA_DIR holds no ImageNet: it stops with the error the README promises, naming both
+  tars and where they go, before anything is compiled."""
+  data_dir = tmp_path / "data"
+  data_dir.mkdir()
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  result = subprocess.run(
+      [sys.executable, "main.py", "--config", "configs/focal_base.py", "--workdir",
+       str(tmp_path / "run"), f"--config.data_dir={data_dir}"], cwd=ROOT, env=env,
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert (f"ManualDownloadError: imagenet2012 is not prepared and cannot be built: "
+          f"ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar not found in "
+          f"{data_dir}/downloads/manual.") in result.stderr, result.stderr[-3000:]
+  assert "First step" not in result.stderr
+
+
 def test_summary_command_prints_the_readme_table():
   block = re.search(r"\$ python -m focal_jax.summary --model focal_tiny\n(.*?)```", readme(),
                     re.S).group(1)
