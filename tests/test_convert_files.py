@@ -1,7 +1,6 @@
 """Weight files: .pth with and without the official training wrapper, .safetensors; files
 that would run code, and damaged or wrong files, each refused with its own message."""
 
-import os
 import pathlib
 import pickle
 import re
