@@ -9,7 +9,7 @@ import pytest
 
 from focal_jax.convert import files
 
-torch = pytest.importorskip("torch", reason="needs PyTorch (see requirements.txt)")
+torch = pytest.importorskip("torch", reason="needs PyTorch (pip install -e '.[convert]')")
 
 
 def sample_state_dict():
