@@ -23,6 +23,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # The dependencies pyproject.toml declares, at the exact versions in constraints.txt (the
-# ones the tests ran with); `all` is every extra that runs on any machine, `test` the tools.
-.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[all,test]"
+# ones the tests ran with): `all` (every extra that runs on any machine), `tpu` (libtpu, which
+# also compiles for TPU slices on a host without them) and `test` (the test and lint tools).
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[all,tpu,test]"
 echo "focal_jax is installed in .venv ($(.venv/bin/python --version))"

@@ -2,8 +2,8 @@
 that focal_jax and the extras setup.sh installs bring in (`pip freeze` restricted to the
 dependency closure of pyproject.toml, so packages installed by hand stay out).
 
-    .venv/bin/python scripts/write_constraints.py            # extras all,test
-    .venv/bin/python scripts/write_constraints.py --extras all,tpu,test
+    .venv/bin/python scripts/write_constraints.py                     # extras all,tpu,test
+    .venv/bin/python scripts/write_constraints.py --extras all,test   # without libtpu
 
 Run it after changing a dependency in pyproject.toml and installing it (see the README's
 "Installing" section); tests/test_packaging.py checks the file against pyproject.toml.
@@ -22,7 +22,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_EXTRAS = ("all", "test")
+DEFAULT_EXTRAS = ("all", "tpu", "test")
 
 
 def declared_requirements(extras: tuple[str, ...], pyproject: str | None = None) -> list[Requirement]:
@@ -81,7 +81,7 @@ def closure(requirements: list[Requirement]) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--extras", default=",".join(DEFAULT_EXTRAS),
-                      help="comma-separated extras to lock (default: all,test)")
+                      help="comma-separated extras to lock (default: all,tpu,test)")
   parser.add_argument("--output", default=os.path.join(ROOT, "constraints.txt"))
   args = parser.parse_args(argv)
   extras = tuple(e for e in args.extras.split(",") if e)
