@@ -22,6 +22,8 @@ if [ ! -x .venv/bin/python ]; then
   "$(find_python)" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -r requirements.txt
-.venv/bin/python -m pip install --quiet --no-deps -e .
+# The dependencies pyproject.toml declares, at the exact versions in constraints.txt (the
+# ones the tests ran with): `all` (every extra that runs on any machine), `tpu` (libtpu, which
+# also compiles for TPU slices on a host without them) and `test` (the test and lint tools).
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[all,tpu,test]"
 echo "focal_jax is installed in .venv ($(.venv/bin/python --version))"

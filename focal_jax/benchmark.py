@@ -453,6 +453,11 @@ def main(argv: list[str] | None = None) -> list[Result]:
   return results
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """The `focal-jax-benchmark` command: exits with 1 when a measurement failed."""
   results = main()
   sys.exit(1 if any(r.error for r in results) else 0)
+
+
+if __name__ == "__main__":
+  cli()

@@ -10,7 +10,6 @@ os.environ.setdefault(
 
 import jax
 import numpy as np
-import pytest
 
 # Narrow and shallow but structurally complete: at img_size 224 the stage grids are
 # 56/28/14/7, so stages 1-3 have rings and pooled levels and stage 4 falls back to one

@@ -169,7 +169,8 @@ def test_bfloat16_keeps_float32_parameters_and_agrees():
   ref = focal_jax.create_model(None, num_classes=3, **SMALL)
   low = focal_jax.create_model(None, num_classes=3, dtype=jnp.bfloat16, **SMALL)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(low, nnx.Param)))
-  ref.eval(); low.eval()
+  ref.eval()
+  low.eval()
   forward = nnx.jit(lambda m, x: m(x))
   a, b = np.asarray(forward(ref, x)), np.asarray(forward(low, x))
   assert np.abs(a - b).max() < 0.1 * np.abs(a).max() + 0.05
@@ -179,7 +180,8 @@ def test_remat_gives_the_same_gradients():
   x = jnp.asarray(images(2))
   plain = focal_jax.create_model(None, num_classes=3, **SMALL)
   remat = focal_jax.create_model(None, num_classes=3, remat=True, **SMALL)
-  plain.eval(); remat.eval()
+  plain.eval()
+  remat.eval()
   gradient = nnx.jit(nnx.grad(lambda m: m(x).sum()))
   g1, g2 = gradient(plain), gradient(remat)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g2)
@@ -209,7 +211,7 @@ def test_only_long_runs_of_blocks_are_scanned():
   """Focal-B's 18 identical stage-3 blocks run under `lax.scan`; Focal-T's 6 stay unrolled
   (stacking their parameters would cost more run time than the scan saves compile time)."""
   for name, scanned in (("focal_tiny", ()), ("focal_base", ((0, 18),))):
-    model = nnx.eval_shape(lambda: focal_jax.create_model(name))
+    model = nnx.eval_shape(lambda name=name: focal_jax.create_model(name))
     assert [layer.scanned_runs for layer in model.layers] == [(), (), scanned, ()]
   unrolled = nnx.eval_shape(lambda: focal_jax.create_model("focal_base", scan_blocks=False))
   assert all(layer.scanned_runs == () for layer in unrolled.layers)

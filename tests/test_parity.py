@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-torch = pytest.importorskip("torch", reason="parity tests need PyTorch (see requirements.txt)")
+torch = pytest.importorskip("torch", reason="parity tests need PyTorch (pip install -e '.[convert]')")
 
 from focal_jax import convert  # noqa: E402
 from focal_jax.convert import reference  # noqa: E402

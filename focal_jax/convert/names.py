@@ -85,7 +85,7 @@ def _block(key: str, path: Path, block: FocalTransformerBlock, resolution: tuple
     padded = (-(-resolution[0] // ws) * ws, -(-resolution[1] // ws) * ws)
     mask = index_tables.shift_mask(padded, ws, block.shift_size)
     yield Entry(f"{key}.attn_mask", buffer=mask.reshape(-1, *mask.shape[2:]))
-  for level, layer in enumerate(block.pool_layers):
+  for level in range(len(block.pool_layers)):
     pool_key, pool_path = f"{key}.pool_layers.{level}", (*path, "pool_layers", level)
     if block.pool_method == "fc":
       yield from _linear(pool_key, pool_path)

@@ -62,7 +62,7 @@ def scan_blocks(blocks: list[FocalTransformerBlock], x: jnp.ndarray, remat: bool
     body = jax.checkpoint(body)
   x, updated = jax.lax.scan(body, x, (stacked, rates))
   for i, block in enumerate(blocks):
-    nnx.update(block, jax.tree.map(lambda a: jax.lax.index_in_dim(a, i, keepdims=False), updated))
+    nnx.update(block, jax.tree.map(lambda a, i=i: jax.lax.index_in_dim(a, i, keepdims=False), updated))
   return x
 
 

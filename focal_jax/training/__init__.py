@@ -3,21 +3,23 @@
     from focal_jax.training import train_and_evaluate
     train_and_evaluate(config, workdir)   # config: configs/*.py get_config()
 
-The loop (and with it TensorFlow, for the input pipeline) is imported on first use, so
-`focal_jax.training.checkpoint` (used by the conversion CLI) stays light.
+The loop (and with it TensorFlow, for the input pipeline) and the config (ml_collections)
+are imported on first use, so `focal_jax.training.checkpoint` (used by the conversion CLI)
+works with the base install.
 """
+
+import importlib
 
 from focal_jax.training.checkpoint import (export_params, load_exported_model,
                                            load_workdir_model)
-from focal_jax.training.config import default_config, validate_config
 
-_LAZY = {"train_and_evaluate", "RunResult"}
+_LAZY = {"train_and_evaluate": "loop", "RunResult": "loop", "default_config": "config",
+         "validate_config": "config"}
 
 
 def __getattr__(name):
   if name in _LAZY:
-    from focal_jax.training import loop  # noqa: PLC0415
-    return getattr(loop, name)
+    return getattr(importlib.import_module(f"focal_jax.training.{_LAZY[name]}"), name)
   raise AttributeError(f"module 'focal_jax.training' has no attribute {name!r}")
 
 
