@@ -3,12 +3,10 @@
     from focal_jax.training import train_and_evaluate
     train_and_evaluate(config, workdir)   # config: configs/*.py get_config()
 
-The loop (and with it TensorFlow, for the input pipeline) is imported on first use, so
-`focal_jax.training.checkpoint` (used by the conversion CLI) stays light.
+The loop (and with it TensorFlow, for the input pipeline) is imported on first use.
+Parameter exports are read and written by `focal_jax.weights`.
 """
 
-from focal_jax.training.checkpoint import (export_params, load_exported_model,
-                                           load_workdir_model)
 from focal_jax.training.config import default_config, validate_config
 
 _LAZY = {"train_and_evaluate", "RunResult"}
@@ -21,5 +19,4 @@ def __getattr__(name):
   raise AttributeError(f"module 'focal_jax.training' has no attribute {name!r}")
 
 
-__all__ = ["RunResult", "default_config", "export_params", "load_exported_model",
-           "load_workdir_model", "train_and_evaluate", "validate_config"]
+__all__ = ["RunResult", "default_config", "train_and_evaluate", "validate_config"]

@@ -33,12 +33,13 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from focal_jax import weights
 from focal_jax.training import checkpoint, evaluate, input, metrics, optim, preflight, sharding
 from focal_jax.training import train_state as ts
 from focal_jax.training.config import validate_config
 from focal_jax.training.train_step import make_train_step
 
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = weights.CHECKPOINT_DIR
 EXPORT_DIR = "export"
 # Steps dispatched but not yet read back (outside log, eval and save steps): enough to keep
 # the device busy while the host fetches the next batch.
@@ -133,7 +134,7 @@ class _Run:
     self.num_classes = input.num_classes(self.builder)
     self.spec = ts.model_spec_from_config(config, self.num_classes)
     self.use_ema = config.ema_decay > 0
-    self.description = checkpoint.model_description(
+    self.description = weights.model_description(
         self.spec.name, self.num_classes, self.spec.img_size, self.spec.json_overrides())
 
   def prepare(self) -> None:
@@ -412,7 +413,7 @@ def _train(run: _Run, ckpt: checkpoint.Checkpointer) -> RunResult:
     step, state, last_eval = _steps(run, ckpt, writer, state, start, data, last_saved)
     ckpt.wait()
     if step >= run.total_steps and config.export_params:
-      path = checkpoint.export_params(os.path.join(workdir, EXPORT_DIR), state.params,
+      path = weights.export_params(os.path.join(workdir, EXPORT_DIR), state.params,
                                       run.description)
       logging.info("Exported the parameters for inference / conversion to %s.", path)
   finally:  # an error still lets the save in flight finish: the last checkpoint stays whole
@@ -519,12 +520,12 @@ def _eval_mode(run: _Run) -> RunResult:
   checkpoints dir (its latest step); default: the latest checkpoint of the workdir."""
   config, workdir = run.config, run.workdir
   path = os.path.abspath(config.checkpoint_path or os.path.join(workdir, CHECKPOINT_DIR))
-  if checkpoint.is_export(path):
-    description = checkpoint.read_description(path)
+  if weights.is_export(path):
+    description = weights.read_description(path)
     run.check_model({"model": description}, path)
     run.prepare()
     target = ts.with_shardings(run.abstract.params, run.shardings.params)
-    params = checkpoint.load_exported_params(path, target)
+    params = weights.load_exported_params(path, target)
     step, results = -1, run.evaluate(params)
   else:
     directory, step = path, None
@@ -533,7 +534,7 @@ def _eval_mode(run: _Run) -> RunResult:
     if not os.path.isdir(directory):
       raise FileNotFoundError(
           f"No checkpoint at {path}: expected an export directory (with "
-          f"{checkpoint.MODEL_JSON}), a checkpoints directory or one step of it.")
+          f"{weights.MODEL_JSON}), a checkpoints directory or one step of it.")
     # Never clean up here: a run may be writing into this directory right now.
     ckpt = checkpoint.Checkpointer(directory, keep=0, async_save=False, cleanup=False)
     try:
