@@ -196,8 +196,9 @@ def test_unknown_config_key_and_variant_fail_at_once():
     validate_config(config)
 
 
-@pytest.mark.parametrize("name", ["base", "demo", "focal_tiny", "focal_tiny_conv", "focal_small",
-                                  "focal_small_conv", "focal_base", "focal_base_conv"])
+@pytest.mark.parametrize("name", ["base", "demo", "demo_finetune", "finetune", "focal_tiny",
+                                  "focal_tiny_conv", "focal_small", "focal_small_conv",
+                                  "focal_base", "focal_base_conv"])
 def test_config_files_are_valid(name):
   import importlib.util  # noqa: PLC0415
   path = os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.py")

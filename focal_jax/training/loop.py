@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from focal_jax import weights
+from focal_jax import pretrained, weights
 from focal_jax.training import checkpoint, evaluate, input, metrics, optim, preflight, sharding
 from focal_jax.training import train_state as ts
 from focal_jax.training.config import validate_config
@@ -342,6 +342,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), config.keep_checkpoints)
   try:
     run.check_latest_checkpoint(ckpt)
+    if config.init_from and ckpt.latest_step() is None:
+      pretrained.check_checkpoint_path(config.init_from)
     run.prepare()
   except BaseException:
     ckpt.close()
@@ -400,8 +402,13 @@ def _train(run: _Run, ckpt: checkpoint.Checkpointer) -> RunResult:
   try:
     restored = _restore(run, ckpt)
     if restored is None:
+      params = None
+      if config.init_from:  # fine-tuning: a fresh run starts from these weights
+        params = ts.pretrained_params(run.spec, run.shardings.params, config.init_from,
+                                      tuple(config.init_from_exclude))
+        logging.info("Initialised from %s.", config.init_from)
       state, meta, last_saved = ts.create_train_state(
-          run.spec, run.tx, run.shardings, run.mesh, config.seed), {}, None
+          run.spec, run.tx, run.shardings, run.mesh, config.seed, params), {}, None
     else:
       state, meta, last_saved = restored
     start = int(jax.device_get(state.step))
