@@ -341,10 +341,33 @@ def _wait_for_checkpoint(workdir, step, processes, timeout=300):
     time.sleep(0.02)
 
 
+def _tensorboard_scalars(workdir):
+  """{tag: [(step, value), ...]} as TensorBoard's own loader sees <workdir>/tensorboard."""
+  from tensorboard.backend.event_processing import event_accumulator  # noqa: PLC0415
+  loader = event_accumulator.EventAccumulator(os.path.join(workdir, metrics.TENSORBOARD_DIR),
+                                              size_guidance={event_accumulator.SCALARS: 0})
+  loader.Reload()
+  return {tag: [(e.step, e.value) for e in loader.Scalars(tag)]
+          for tag in loader.Tags()[event_accumulator.SCALARS]}
+
+
+def _logged(workdir):
+  """{tag: [(step, value), ...]} of metrics.jsonl, float32 as TensorBoard stores scalars;
+  the throughput (a timing) left out."""
+  tags = {}
+  for record in metrics.read_metrics(workdir):
+    for tag, value in record.items():
+      if tag != "step" and isinstance(value, (int, float)):
+        tags.setdefault(tag, []).append((record["step"], float(np.float32(value))))
+  return tags
+
+
 def test_sigkill_mid_run_then_rerun_ends_bit_identical(tmp_path, digits_dir):
+  # Logs at 4, 8, 10 and checkpoints at 3, 6, 9, 10: every checkpoint a resume can start
+  # from cuts a log interval.
   changes = {"dataset": "focal_digits", "data_dir": digits_dir, "eval_split": "test",
-             "eval_batch_size": 16, "num_train_steps": 10, "checkpoint_every_steps": 1,
-             "keep_checkpoints": 2, "mesh.data": 1}
+             "eval_batch_size": 16, "num_train_steps": 10, "checkpoint_every_steps": 3,
+             "log_every_steps": 4, "keep_checkpoints": 2, "mesh.data": 1}
   config_file = _config_file(tmp_path / "tiny.py", **changes)
   reference = loop.train_and_evaluate(tiny_config(**changes), str(tmp_path / "reference"))
   workdir = str(tmp_path / "run")
@@ -367,8 +390,18 @@ def test_sigkill_mid_run_then_rerun_ends_bit_identical(tmp_path, digits_dir):
   got = by_name(weights.load_exported_params(os.path.join(workdir, loop.EXPORT_DIR)))
   assert got.keys() == expected.keys()
   assert all(np.array_equal(got[k], expected[k]) for k in expected)
-  steps = [r["step"] for r in metrics.read_metrics(workdir) if "train/loss" in r]
-  assert steps == list(range(1, 11))
+  # The logs: the interval cut by the checkpoint reports what the uninterrupted run did,
+  # each step once, in metrics.jsonl and in TensorBoard's view of the event files (the
+  # steps the killed run logged after its checkpoint were written again and purged).
+  logged, expected_log = _logged(workdir), _logged(str(tmp_path / "reference"))
+  assert [step for step, _ in logged["train/loss"]] == [4, 8, 10]
+  assert [step for step, _ in logged["eval/top1"]] == [10]
+  del logged["train/img_per_sec"], expected_log["train/img_per_sec"]
+  assert logged == expected_log
+  scalars = _tensorboard_scalars(workdir)
+  assert [step for step, _ in scalars.pop("train/img_per_sec")] == [4, 8, 10]
+  assert scalars == logged
+  assert len(os.listdir(os.path.join(workdir, metrics.TENSORBOARD_DIR))) == 2  # two runs
   assert not [name for name in os.listdir(os.path.join(workdir, "checkpoints"))
               if not name.isdigit()]  # a save cut short leaves nothing behind
 

@@ -351,6 +351,33 @@ def test_one_step_end_to_end(tmp_path, digits_dir):
   assert not all(np.array_equal(ema[k], trained[k]) for k in trained)
 
 
+def test_a_restart_rewrites_the_steps_after_its_checkpoint_for_tensorboard_too(tmp_path):
+  """A first run logs steps 1-6 and dies; the rerun resumes from step 3 and logs 4-6 again
+  (other values, as after a change of data): metrics.jsonl and TensorBoard's own loader
+  both hold each step once, with the rerun's values. An evaluation (step -1, an export)
+  logged before is kept."""
+  from tensorboard.backend.event_processing import event_accumulator  # noqa: PLC0415
+  workdir = str(tmp_path / "run")
+  evaluation = metrics.MetricWriter(workdir)
+  evaluation.write(-1, {"eval/top1": 50.0})
+  evaluation.close()
+  first = metrics.MetricWriter(workdir, resume_step=0)
+  for step in range(1, 7):
+    first.write(step, {"train/loss": float(step)})
+  first.close()
+  rerun = metrics.MetricWriter(workdir, resume_step=3)
+  for step in range(4, 7):
+    rerun.write(step, {"train/loss": 10.0 * step})
+  rerun.close()
+  expected = [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 60.0)]
+  assert [(r["step"], r["train/loss"]) for r in metrics.read_metrics(workdir)
+          if "train/loss" in r] == expected
+  loader = event_accumulator.EventAccumulator(os.path.join(workdir, metrics.TENSORBOARD_DIR))
+  loader.Reload()
+  assert [(e.step, e.value) for e in loader.Scalars("train/loss")] == expected
+  assert [(e.step, e.value) for e in loader.Scalars("eval/top1")] == [(-1, 50.0)]
+
+
 def test_loop_runs_on_mock_imagenet(tmp_path):
   """The imagenet2012 path (1000 classes, JPEGs of random sizes) through the loop, with
   bfloat16 compute (parameters stay float32). Mocked data needs no preparation, so no
@@ -385,7 +412,7 @@ def test_resume_continues_exactly_and_restores_on_another_device_count(
     tmp_path, digits_dir, monkeypatch):
   config = tiny_config(dataset="focal_digits", data_dir=digits_dir, eval_split="test",
                        num_train_steps=3, checkpoint_every_steps=0, eval_batch_size=16,
-                       **{"mesh.data": 2, "mesh.fsdp": 4})
+                       log_every_steps=3, **{"mesh.data": 2, "mesh.fsdp": 4})
   # Uninterrupted: 3 steps.
   full = loop.train_and_evaluate(config, str(tmp_path / "full"))
   # Interrupted: SIGTERM during step 2 -> checkpoint at 2, stop; the same call resumes.
@@ -402,8 +429,10 @@ def test_resume_continues_exactly_and_restores_on_another_device_count(
       "a resumed run must end bit-identical to an uninterrupted one on the CPU"
   assert flat(full.state.opt_state).keys() == flat(resumed.state.opt_state).keys()
   assert resumed.eval_metrics == full.eval_metrics
+  # The stop at step 2 cut the log interval 1-3: no record of its own, and the mean at
+  # step 3 still covers steps 1-3 (the checkpoint carried the losses of steps 1 and 2).
   steps = [r["step"] for r in metrics.read_metrics(workdir) if "train/loss" in r]
-  assert steps == [1, 2, 3]
+  assert steps == [3]
   losses = {r["step"]: r["train/loss"] for r in metrics.read_metrics(str(tmp_path / "full"))
             if "train/loss" in r}
   assert losses == {r["step"]: r["train/loss"] for r in metrics.read_metrics(workdir)

@@ -44,6 +44,8 @@ EXPORT_DIR = "export"
 # Steps dispatched but not yet read back (outside log, eval and save steps): enough to keep
 # the device busy while the host fetches the next batch.
 IN_FLIGHT = 2
+# Checkpoint metadata key: the training losses of the log interval the checkpoint cuts.
+INTERVAL_LOSSES = "log_interval_losses"
 
 
 @dataclasses.dataclass
@@ -245,9 +247,13 @@ class _Run:
       self.check_setup(meta, where)
       return
 
-  def meta(self, step: int, data: "_DataTracker") -> dict[str, Any]:
+  def meta(self, step: int, data: "_DataTracker", interval_losses: list[float]
+           ) -> dict[str, Any]:
+    """The checkpoint's metadata; `interval_losses`: the losses of the steps since the last
+    log step, so that a resumed run logs the same mean at the next one."""
     positions = _gather_ints([*data.position, data.skipped])
     return {"step": step, "data_step": step, "model": self.description,
+            INTERVAL_LOSSES: [float(loss) for loss in interval_losses],
             "data_position": positions[:, :2].tolist(), "skipped_images": positions[:, 2].tolist(),
             "ema": self.use_ema, "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
@@ -417,7 +423,8 @@ def _train(run: _Run, ckpt: checkpoint.Checkpointer) -> RunResult:
     if jax.process_index() == 0:
       with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
-    step, state, last_eval = _steps(run, ckpt, writer, state, start, data, last_saved)
+    step, state, last_eval = _steps(run, ckpt, writer, state, start, data, last_saved,
+                                    meta.get(INTERVAL_LOSSES, []))
     ckpt.wait()
     if step >= run.total_steps and config.export_params:
       path = weights.export_params(os.path.join(workdir, EXPORT_DIR), state.params,
@@ -432,9 +439,15 @@ def _train(run: _Run, ckpt: checkpoint.Checkpointer) -> RunResult:
 
 
 def _steps(run: _Run, ckpt: checkpoint.Checkpointer, writer: metrics.MetricWriter,
-           state: ts.TrainState, start: int, data: _DataTracker, last_saved: int | None
-           ) -> tuple[int, ts.TrainState, dict[str, Any]]:
-  """The training steps from `start`: -> (last step, state, last eval)."""
+           state: ts.TrainState, start: int, data: _DataTracker, last_saved: int | None,
+           interval_losses: list[float]) -> tuple[int, ts.TrainState, dict[str, Any]]:
+  """The training steps from `start`: -> (last step, state, last eval).
+
+  `train/loss` at a log step is the mean loss of the steps since the previous log step.
+  A checkpoint carries the losses of the interval it cuts (`interval_losses` on resume),
+  so the mean is the one an uninterrupted run logs, wherever the run was stopped: a stop
+  (SIGTERM) writes no record of its own, and SIGKILL loses nothing a checkpoint holds.
+  """
   config = run.config
   train_step = make_train_step(config, run.spec, run.tx, run.schedule, run.mesh, run.shardings,
                                run.rest_shardings)
@@ -448,7 +461,8 @@ def _steps(run: _Run, ckpt: checkpoint.Checkpointer, writer: metrics.MetricWrite
   # Several processes stop together: each step carries every process's SIGTERM flag.
   vote = sharding.any_process_flag(run.mesh) if jax.process_count() > 1 else None
   in_flight: collections.deque = collections.deque()  # (step, metrics, vote) not read back yet
-  settled: list[dict[str, float]] = []  # metrics read back since the last progress line
+  # Metrics read back since the last log step (only the loss of steps before a resume).
+  settled: list[dict[str, float]] = [{"loss": float(loss)} for loss in interval_losses]
 
   def settle(keep: int) -> bool:
     """Reads back all but the newest `keep` steps; raises at a non-finite loss or gradient
@@ -492,7 +506,7 @@ def _steps(run: _Run, ckpt: checkpoint.Checkpointer, writer: metrics.MetricWrite
       if settle(0 if (log_now or eval_now or save_now or stopping) else IN_FLIGHT):
         stopping = True
         settle(0)
-      if log_now or stopping:
+      if log_now:
         elapsed = time.time() - interval_start
         seconds_per_step = elapsed / max(interval_steps, 1)
         record = {"train/loss": sum(m["loss"] for m in settled) / len(settled),
@@ -513,7 +527,7 @@ def _steps(run: _Run, ckpt: checkpoint.Checkpointer, writer: metrics.MetricWrite
         logging.info("eval at step %d: %s", step, _format(last_eval))
         interval_start, interval_steps = time.time(), 0
       if save_now or stopping:
-        ckpt.save(step, state, run.meta(step, data))
+        ckpt.save(step, state, run.meta(step, data, [m["loss"] for m in settled]))
         last_saved = step
       if stopping:
         logging.warning("Stopped at step %d of %d after SIGTERM; rerun the same command to "

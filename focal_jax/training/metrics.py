@@ -26,6 +26,9 @@ class MetricWriter:
   """Appends records to `<workdir>/metrics.jsonl` and to TensorBoard event files."""
 
   def __init__(self, workdir: str, resume_step: int | None = None):
+    """`resume_step`: a training run that (re)starts after this step (0 without a
+    checkpoint); the records of later steps, in metrics.jsonl and for TensorBoard, are
+    dropped, since this run writes them again. None (evaluation) keeps everything."""
     self.workdir = workdir
     self.path = os.path.join(workdir, METRICS_FILE)
     self.active = jax.process_index() == 0
@@ -33,9 +36,11 @@ class MetricWriter:
     if not self.active:
       return
     os.makedirs(workdir, exist_ok=True)
+    purge_step = None
     if resume_step is not None:
       self._drop_after(resume_step)
-    self._tb = ScalarWriter(os.path.join(workdir, TENSORBOARD_DIR))
+      purge_step = resume_step + 1  # TensorBoard forgets the old points from here on
+    self._tb = ScalarWriter(os.path.join(workdir, TENSORBOARD_DIR), purge_step=purge_step)
 
   def _drop_after(self, step: int) -> None:
     """A (re)started run repeats the steps after its checkpoint (all of them without one):

@@ -1,99 +1,55 @@
-"""A minimal TensorBoard event-file writer for scalars, with no dependencies.
+"""TensorBoard event files for scalars, written by TensorFlow's own event writer.
 
-TensorBoard reads `events.out.tfevents.*` files: TFRecords (length, masked CRC-32C,
-payload, masked CRC-32C) whose payloads are `Event` protocol buffers. Only the few fields
-scalars need are encoded here by hand, so neither TensorFlow, tensorboard nor
-tensorboardX (which imports PyTorch when it is installed) is needed to write them.
+Why this writer: TensorFlow is already a dependency (the input pipeline), and its writer
+goes through TensorFlow's file-system layer, so a `gs://` log directory works as a local
+one. Of TensorFlow's writers, `tf.compat.v1.summary.FileWriter` is the one that can write a
+`SessionLog(START)` event: TensorBoard's loader takes it as "the run restarted at this
+step" and drops the points at and after that step it already holds, which is how a
+resumed run tells TensorBoard that the steps after its checkpoint were rewritten. The
+`tf.summary` (v2) writers, `flax.metrics.tensorboard` and `clu` (built on them) cannot write
+that event; `tensorboardX` can (`purge_step`), but would be one more dependency with its
+own file layer. The v1 writer refuses to be built under eager execution, so it is built
+inside a private `tf.Graph` (it runs no graph: events go straight to the file).
+
+Scalars are `simple_value` summaries (float32, as TensorBoard stores every scalar). Every
+write is flushed, so a run killed with SIGKILL loses no point it logged.
 """
 
 from __future__ import annotations
 
 import os
-import socket
-import struct
 import time
-
-_CRC32C_POLY = 0x82F63B78  # reflected Castagnoli polynomial
-
-
-def _crc32c_table() -> list[int]:
-  table = []
-  for byte in range(256):
-    crc = byte
-    for _ in range(8):
-      crc = (crc >> 1) ^ (_CRC32C_POLY if crc & 1 else 0)
-    table.append(crc)
-  return table
-
-
-_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-  crc = 0xFFFFFFFF
-  for byte in data:
-    crc = _TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-  crc = crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(value: int) -> bytes:
-  out = bytearray()
-  while True:
-    low, value = value & 0x7F, value >> 7
-    if value:
-      out.append(low | 0x80)
-    else:
-      out.append(low)
-      return bytes(out)
-
-
-def _field(number: int, wire_type: int, payload: bytes) -> bytes:
-  key = _varint(number << 3 | wire_type)
-  if wire_type == 2:  # length-delimited
-    return key + _varint(len(payload)) + payload
-  return key + payload
-
-
-def _event(step: int, wall_time: float, *, file_version: str | None = None,
-           scalars: dict[str, float] | None = None) -> bytes:
-  """Event{wall_time=1: double, step=2: int64, file_version=3: string, summary=5: Summary}."""
-  data = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
-  if file_version is not None:
-    data += _field(3, 2, file_version.encode())
-  if scalars:
-    values = b"".join(  # Summary.value=1: Value{tag=1: string, simple_value=2: float}
-        _field(1, 2, _field(1, 2, tag.encode()) + _field(2, 5, struct.pack("<f", value)))
-        for tag, value in scalars.items())
-    data += _field(5, 2, values)
-  return data
-
-
-def _record(payload: bytes) -> bytes:
-  length = struct.pack("<Q", len(payload))
-  return (length + struct.pack("<I", _masked_crc(length)) + payload
-          + struct.pack("<I", _masked_crc(payload)))
 
 
 class ScalarWriter:
-  """Appends scalar summaries to a new event file in `logdir`."""
+  """Appends scalar summaries to a new event file in `logdir` (a local path or `gs://`).
 
-  def __init__(self, logdir: str):
-    os.makedirs(logdir, exist_ok=True)
-    name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-    self.path = os.path.join(logdir, name)
-    self._file = open(self.path, "ab")
-    self._file.write(_record(_event(0, time.time(), file_version="brain.Event:2")))
-    self._file.flush()
+  `purge_step`: the first step this run writes again after a restart; TensorBoard then
+  forgets the points of earlier runs at steps >= purge_step.
+  """
+
+  def __init__(self, logdir: str, purge_step: int | None = None):
+    import tensorflow as tf  # noqa: PLC0415  heavy: only when metrics are written
+
+    self._tf = tf
+    # Unique and in creation order within a second: TensorBoard reads the files of a
+    # directory in name order, and the name otherwise holds only the second and the host.
+    suffix = f".{time.time_ns()}.{os.getpid()}"
+    with tf.Graph().as_default():
+      self._writer = tf.compat.v1.summary.FileWriter(logdir, flush_secs=3600,
+                                                     filename_suffix=suffix)
+    if purge_step is not None:
+      self._writer.add_session_log(
+          tf.compat.v1.SessionLog(status=tf.compat.v1.SessionLog.START), int(purge_step))
+      self._writer.flush()
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
-    self._file.write(_record(_event(int(step), time.time(), scalars=scalars)))
-    self._file.flush()
+    values = [self._tf.compat.v1.Summary.Value(tag=tag, simple_value=float(value))
+              for tag, value in scalars.items()]
+    self._writer.add_summary(self._tf.compat.v1.Summary(value=values), int(step))
+    self._writer.flush()
 
   def close(self) -> None:
-    if not self._file.closed:
-      self._file.close()
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
