@@ -16,7 +16,6 @@ the official names in `focal_jax.convert`.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from typing import Any, Sequence
 
@@ -49,10 +48,12 @@ def check_checkpoint_path(source: str) -> None:
   """Raises FileNotFoundError unless `source` is a parameter export or a weight file."""
   from focal_jax import weights  # noqa: PLC0415
 
+  from focal_jax import storage  # noqa: PLC0415
+
   if weights.is_export(source) or (source.endswith(WEIGHT_FILE_SUFFIXES)
-                                   and os.path.isfile(source)):
+                                   and storage.isfile(source)):
     return
-  if os.path.isdir(source):
+  if storage.isdir(source):
     raise FileNotFoundError(
         f"{source} is a directory but no parameter export (it has no {weights.MODEL_JSON} and "
         f"{weights.PARAMS_DIR}/). Pass an export (a training run's <workdir>/export, or the "
@@ -72,10 +73,9 @@ def read_checkpoint_params(source: str, model: models.FocalTransformer) -> dict[
     tree = weights.load_exported_params(source)
     return {param_name(path): np.asarray(jax.device_get(leaf), np.float32)
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-  from focal_jax.convert import files  # noqa: PLC0415
   from focal_jax.convert.state_dict import params_by_path  # noqa: PLC0415
 
-  by_path, unexpected = params_by_path(files.load_weights_file(source), model)
+  by_path, unexpected = params_by_path(weights.load_weights_file(source), model)
   unexpected = [key for key in unexpected if not re.search(HEAD_PATTERN, key)]
   if unexpected:
     raise ValueError(

@@ -29,7 +29,7 @@ from flax import nnx
 from test_data import corrupt_imagenet_dir  # noqa: F401  (fixture)
 from test_training import compilation_cache, digits_dir, flat, tiny_config  # noqa: F401
 
-from focal_jax import data, weights
+from focal_jax import data, storage, weights
 from focal_jax.training import checkpoint, input, loop, metrics, preflight
 from focal_jax.training import train_state as ts
 from focal_jax.training.config import validate_config
@@ -118,7 +118,7 @@ def test_workdir_that_fails_to_write_is_refused_at_once(tmp_path, monkeypatch, n
   def no_space(path, mode="r", *args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device", path)
 
-  monkeypatch.setattr(preflight, "open", no_space, raising=False)
+  monkeypatch.setattr(storage, "open", no_space, raising=False)  # every write of the workdir
   with pytest.raises(preflight.WorkdirError, match=r"No space left.*The filesystem is full"):
     loop.train_and_evaluate(digits_config(), str(tmp_path / "run"))
 

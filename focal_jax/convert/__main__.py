@@ -21,8 +21,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from focal_jax import weights
-from focal_jax.convert import files
+from focal_jax import storage, weights
 from focal_jax.convert.state_dict import from_torch_state_dict, to_torch_state_dict
 from focal_jax.models import VARIANTS
 
@@ -42,7 +41,7 @@ def load_checkpoint_model(path: str, ema: bool = False):
   if weights.is_export(path):
     return weights.load_exported_model(path), weights.read_description(path)
   directory = os.path.join(path, weights.CHECKPOINT_DIR)
-  if not os.path.isdir(directory):
+  if not storage.isdir(directory):
     raise FileNotFoundError(
         f"{path!r} is neither a training workdir (no checkpoints/ inside) nor a parameter "
         "export (model.json and params/). Pass the --workdir of a training run or an export.")
@@ -56,16 +55,16 @@ def to_torch(args: argparse.Namespace) -> None:
     raise SystemExit(f"error: {args.checkpoint} holds a {saved} model, not {args.model}; "
                      f"pass --model {saved}.")
   state_dict = to_torch_state_dict(model)
-  files.save_weights_file(state_dict, args.output)
+  weights.save_weights_file(state_dict, args.output)
   print(f"wrote {len(state_dict)} entries ({sum(v.size for v in state_dict.values()):,} values) "
         f"of {saved or 'the model'} to {args.output}")
 
 
 def from_torch(args: argparse.Namespace) -> None:
-  if os.path.exists(args.output) and os.listdir(args.output) and not args.overwrite:
+  if storage.exists(args.output) and storage.listdir(args.output) and not args.overwrite:
     raise SystemExit(f"error: {args.output} exists and is not empty; choose a new directory "
                      "or pass --overwrite.")
-  state_dict = files.load_weights_file(args.checkpoint)
+  state_dict = weights.load_weights_file(args.checkpoint)
   overrides = dict(args.set or [])
   img_size = args.img_size[0] if len(args.img_size) == 1 else tuple(args.img_size)
   model = from_torch_state_dict(state_dict, args.model, img_size=img_size, **overrides)

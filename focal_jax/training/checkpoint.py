@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from focal_jax import storage
 
 DAMAGED_DIR = "damaged_checkpoints"
 
@@ -30,7 +31,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
                cleanup: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.absolute(directory)  # a local path or gs://...
     # `cleanup` removes temporary directories: what a killed save leaves behind, never a
     # complete step (only the run that writes the directory may do it).
     options = ocp.CheckpointManagerOptions(
@@ -69,12 +70,12 @@ class Checkpointer:
     aside_root = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
     target = os.path.join(aside_root, str(step))
     suffix = 1
-    while os.path.exists(target):
+    while storage.exists(target):
       target = os.path.join(aside_root, f"{step}-{suffix}")
       suffix += 1
     if jax.process_index() == 0:
-      os.makedirs(aside_root, exist_ok=True)
-      shutil.move(os.path.join(self.directory, str(step)), target)
+      storage.makedirs(aside_root)
+      storage.move(os.path.join(self.directory, str(step)), target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # noqa: PLC0415
       multihost_utils.sync_global_devices(f"focal_jax set aside checkpoint {step}")

@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from focal_jax import pretrained, weights
+from focal_jax import pretrained, storage, weights
 from focal_jax.training import checkpoint, evaluate, input, metrics, optim, preflight, sharding
 from focal_jax.training import train_state as ts
 from focal_jax.training.config import validate_config
@@ -338,7 +338,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
   validate_config(config)
   _quiet_library_logs()
   maybe_initialize_distributed(config)
-  workdir = os.path.abspath(workdir)
+  workdir = storage.absolute(workdir)  # a local directory or a bucket (gs://...)
   run = _Run(config, workdir)
   training = config.mode != "eval"
   preflight.check_workdir(workdir, run.checkpoint_bytes() if training else 0,
@@ -421,14 +421,13 @@ def _train(run: _Run, ckpt: checkpoint.Checkpointer) -> RunResult:
     data = _DataTracker.from_meta(meta, start, run)
     writer = metrics.MetricWriter(workdir, resume_step=start)
     if jax.process_index() == 0:
-      with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+      storage.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
     step, state, last_eval = _steps(run, ckpt, writer, state, start, data, last_saved,
                                     meta.get(INTERVAL_LOSSES, []))
     ckpt.wait()
     if step >= run.total_steps and config.export_params:
       path = weights.export_params(os.path.join(workdir, EXPORT_DIR), state.params,
-                                      run.description)
+                                   run.description)
       logging.info("Exported the parameters for inference / conversion to %s.", path)
   finally:  # an error still lets the save in flight finish: the last checkpoint stays whole
     if writer is not None:
@@ -540,7 +539,7 @@ def _eval_mode(run: _Run) -> RunResult:
   """Evaluates config.checkpoint_path: an export dir, a checkpoint step dir or a
   checkpoints dir (its latest step); default: the latest checkpoint of the workdir."""
   config, workdir = run.config, run.workdir
-  path = os.path.abspath(config.checkpoint_path or os.path.join(workdir, CHECKPOINT_DIR))
+  path = storage.absolute(config.checkpoint_path or os.path.join(workdir, CHECKPOINT_DIR))
   if weights.is_export(path):
     description = weights.read_description(path)
     run.check_model({"model": description}, path)
@@ -550,9 +549,9 @@ def _eval_mode(run: _Run) -> RunResult:
     step, results = -1, run.evaluate(params)
   else:
     directory, step = path, None
-    if os.path.basename(path).isdigit() and not os.path.isdir(os.path.join(path, "0")):
+    if os.path.basename(path).isdigit() and not storage.isdir(os.path.join(path, "0")):
       directory, step = os.path.dirname(path), int(os.path.basename(path))
-    if not os.path.isdir(directory):
+    if not storage.isdir(directory):
       raise FileNotFoundError(
           f"No checkpoint at {path}: expected an export directory (with "
           f"{weights.MODEL_JSON}), a checkpoints directory or one step of it.")

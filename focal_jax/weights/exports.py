@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from focal_jax import storage
 from focal_jax.models import FocalTransformer, create_model
 
 EXPORT_FORMAT = "focal_jax.params/1"
@@ -39,26 +40,24 @@ def model_description(name: str | None, num_classes: int, img_size: int,
 
 def export_params(directory: str, params: Any, description: dict[str, Any]) -> str:
   """Writes `params` (pure dict, possibly sharded) and model.json into `directory`."""
-  directory = os.path.abspath(directory)
+  directory = storage.absolute(directory)
   if jax.process_index() == 0:
-    os.makedirs(directory, exist_ok=True)
+    storage.makedirs(directory)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.join(directory, PARAMS_DIR), params, force=True)
     checkpointer.wait_until_finished()
   if jax.process_index() == 0:
-    with open(os.path.join(directory, MODEL_JSON), "w") as f:
-      json.dump(description, f, indent=2)
+    storage.write_text(os.path.join(directory, MODEL_JSON), json.dumps(description, indent=2))
   return directory
 
 
 def is_export(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, MODEL_JSON)) and os.path.isdir(
+  return storage.isfile(os.path.join(path, MODEL_JSON)) and storage.isdir(
       os.path.join(path, PARAMS_DIR))
 
 
 def read_description(path: str) -> dict[str, Any]:
-  with open(os.path.join(path, MODEL_JSON)) as f:
-    description = json.load(f)
+  description = json.loads(storage.read_text(os.path.join(path, MODEL_JSON)))
   if description.get("format") != EXPORT_FORMAT:
     raise ValueError(f"{path}/{MODEL_JSON} has format {description.get('format')!r}; expected "
                      f"{EXPORT_FORMAT!r} (written by focal_jax.weights.export_params).")
@@ -78,13 +77,13 @@ def load_exported_params(path: str, abstract_params: Any | None = None) -> Any:
   with ocp.StandardCheckpointer() as checkpointer:
     target = abstract_params
     if target is None:
-      meta = checkpointer.metadata(os.path.join(os.path.abspath(path), PARAMS_DIR))
+      meta = checkpointer.metadata(os.path.join(storage.absolute(path), PARAMS_DIR))
       tree = getattr(meta, "item_metadata", meta)
       tree = getattr(tree, "tree", tree)
       device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
       target = jax.tree.map(
           lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree)
-    return checkpointer.restore(os.path.join(os.path.abspath(path), PARAMS_DIR), target)
+    return checkpointer.restore(os.path.join(storage.absolute(path), PARAMS_DIR), target)
 
 
 def abstract_model(description: dict[str, Any]):
@@ -132,7 +131,7 @@ def load_workdir_model(workdir: str, ema: bool = False, step: int | None = None
                        ) -> tuple[FocalTransformer, dict[str, Any]]:
   """(model, description) from a training workdir's checkpoint (latest unless `step`):
   only the parameters (or, with `ema`, their moving average) are read."""
-  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  directory = os.path.join(storage.absolute(workdir), CHECKPOINT_DIR)
   manager = ocp.CheckpointManager(directory, item_names=("state", "meta"))
   try:
     step = manager.latest_step() if step is None else step
