@@ -45,7 +45,7 @@ def _demo_workdir(workdir, data_dir):
                                   run.description)
 
 
-def test_demo_workdir_and_export_evaluate_to_their_end(tmp_path, digits_dir):
+def test_demo_workdir_and_export_evaluate_to_their_end(tmp_path, digits_dir):  # noqa: F811
   """`main.py --config configs/demo.py --workdir W --config.mode=eval`, of the workdir and
   of an export (`--config.checkpoint_path=EXPORT`): both end and record the same top-1."""
   workdir = str(tmp_path / "demo")

@@ -67,7 +67,8 @@ def from_torch(args: argparse.Namespace) -> None:
   state_dict = weights.load_weights_file(args.checkpoint)
   overrides = dict(args.set or [])
   img_size = args.img_size[0] if len(args.img_size) == 1 else tuple(args.img_size)
-  model = from_torch_state_dict(state_dict, args.model, img_size=img_size, **overrides)
+  model = from_torch_state_dict(state_dict, args.model, img_size=img_size,
+                                source=args.checkpoint, **overrides)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   description = weights.model_description(args.model, model.config.num_classes, img_size,
                                           {k: list(v) if isinstance(v, tuple) else v

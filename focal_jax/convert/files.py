@@ -1,98 +1,191 @@
-"""Reading and writing official-format weight files: `.pth` (PyTorch) and `.safetensors`."""
+"""Reading and writing official-format weight files: `.pth` (PyTorch) and `.safetensors`.
+
+Every file is untrusted. A `.pth` is a pickle, and a pickle can name any function for
+the loader to import and call, so `.pth` files are read with `torch.load(weights_only=True)`
+only: it builds tensors and plain containers and refuses any other name without
+importing it. The one foreign class accepted is the yacs `CfgNode` that official training
+checkpoints carry as their config, read as a plain `OrderedDict` (its code is never
+imported). A file whose pickle names anything else is refused, naming those globals.
+`.safetensors` holds raw arrays and a JSON header: nothing in it is executed.
+
+A file that cannot be used (missing, empty, truncated, not a checkpoint, not a
+state_dict) raises `WeightsFileError` naming the file and the problem.
+"""
 
 from __future__ import annotations
 
+import collections
 import os
 import pickle
-import types
+import re
 import warnings
+import zipfile
 from typing import Any, Mapping
 
 import numpy as np
 
-from focal_jax.convert.state_dict import unwrap_state_dict
+from focal_jax.convert.state_dict import WeightsError, unwrap_state_dict
+
+# The official training loop pickles its yacs config; torch.load reads it as an OrderedDict.
+YACS_CONFIG = (collections.OrderedDict, "yacs.config.CfgNode")
+
+_RESAVE_HINT = (
+    "If you trust where the file comes from, keep only its weights: in a Python you do not "
+    "mind running the file's code in, `torch.save({{'model': torch.load({path!r}, "
+    "weights_only=False)['model']}}, 'weights.pth')`, then convert weights.pth. Or ask for "
+    "the weights as .safetensors.")
 
 
-class _Opaque(dict):
-  """Stands in for any non-tensor object of a checkpoint (e.g. the pickled yacs config)."""
-
-  def __init__(self, *args: Any, **kwargs: Any):
-    super().__init__()
-
-  def __setstate__(self, state: Any) -> None:
-    self.__dict__["state"] = state
+class WeightsFileError(WeightsError):
+  """A weights file that cannot be read or is not a checkpoint; the message names it."""
 
 
-_SAFE_GLOBALS = {
-    ("collections", "OrderedDict"), ("copyreg", "_reconstructor"), ("builtins", "set"),
-    ("builtins", "frozenset"), ("builtins", "dict"), ("builtins", "list"), ("builtins", "tuple"),
-    ("builtins", "int"), ("builtins", "float"), ("builtins", "str"), ("builtins", "bytes"),
-    ("builtins", "bool"), ("builtins", "complex"), ("builtins", "slice"), ("builtins", "object"),
-    ("_codecs", "encode"),
-}
+class UnsafeCheckpointError(WeightsFileError):
+  """A `.pth` whose pickle names functions or classes beyond tensors, containers and the
+  official yacs config: loading it could run code, so it is refused."""
 
 
-class _TensorsOnlyUnpickler(pickle.Unpickler):
-  """Resolves torch and plain containers; every other class becomes an inert `_Opaque`.
-
-  Nothing outside torch, numpy and the builtin containers is imported or executed, so a
-  training checkpoint's optimizer, scheduler and config objects load as placeholders.
-  """
-
-  def find_class(self, module: str, name: str) -> Any:
-    if (module, name) in _SAFE_GLOBALS or module.split(".")[0] in ("torch", "numpy"):
-      return super().find_class(module, name)
-    return type(name, (_Opaque,), {"__module__": "focal_jax.convert.opaque"})
+def _check_readable(path: str) -> None:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No checkpoint file at {path!r}.")
+  if not os.path.isfile(path):
+    raise WeightsFileError(f"{path} is a directory, not a weights file (.pth or .safetensors).")
+  if os.path.getsize(path) == 0:
+    raise WeightsFileError(f"{path} is empty (0 bytes): an interrupted download or copy? "
+                           "Fetch or copy it again.")
 
 
-_TENSORS_ONLY_PICKLE = types.SimpleNamespace(
-    Unpickler=_TensorsOnlyUnpickler, load=pickle.load, __name__="focal_jax_tensors_only_pickle")
+def _first_line(error: BaseException) -> str:
+  """'UnpicklingError: Unsupported operand 149': the error's kind and its telling line."""
+  text = str(error).strip()
+  found = re.search(r"WeightsUnpickler error:\s*(\S.*)", text)  # torch's refusals wrap it
+  line = found.group(1) if found else (text.splitlines()[0] if text else "")
+  return f"{type(error).__name__}: {line[:200]}" if line else type(error).__name__
+
+
+def _why_unreadable(path: str, error: BaseException) -> str:
+  """What is wrong with a file torch.load could not read, from what the file starts with."""
+  with open(path, "rb") as f:
+    head = f.read(16)
+  if head.startswith(b"PK\x03\x04"):  # a zip archive: the format torch.save writes
+    if not zipfile.is_zipfile(path):
+      return ("it is truncated: a zip archive (the format torch.save writes) without its end, "
+              "as an interrupted download or copy leaves it. Fetch or copy it again")
+    with zipfile.ZipFile(path) as archive:
+      names = archive.namelist()
+    if not any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
+      shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+      return (f"it is a zip archive but not one torch.save wrote (no data.pkl; it holds "
+              f"{shown or 'nothing'})")
+    return "its zip archive is damaged. Fetch or copy it again"
+  if head.startswith(b"\x80"):  # a pickle: torch's legacy format, or a plain pickle
+    if isinstance(error, EOFError) or "EOF" in str(error):
+      return ("it ends early (truncated?): an interrupted download or copy? Fetch or copy it "
+              "again")
+    return "it is a pickle but not one torch.save wrote"
+  return f"it is not a PyTorch checkpoint (it starts with {head!r})"
+
+
+def _unsafe_globals(path: str, error: BaseException) -> list[str]:
+  """The globals of the file that weights_only refuses (called inside the safe_globals
+  context): torch lists them for the zip format by reading the pickle's opcodes, without
+  executing them; for the legacy format torch's error names the first one."""
+  import torch  # noqa: PLC0415
+
+  try:
+    return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+  except Exception:  # noqa: BLE001  not a zip checkpoint: read torch's message instead
+    return re.findall(r"GLOBAL (\S+) (?:was not an allowed|whose module)", str(error))
 
 
 def load_torch_file(path: str) -> Mapping[str, Any]:
-  """A `.pth` file's state_dict (bare, or from the official `{'model': ...}` wrapper).
+  """A `.pth` file's state_dict (bare, or from `{'model': state_dict, ...}`, e.g. an official
+  training checkpoint). Raises as `load_torch_checkpoint` does, and WeightsFileError for a
+  file that holds no state_dict."""
+  return _state_dict_of(path, load_torch_checkpoint(path))
 
-  PyTorch >= 2.6 loads with `weights_only=True`, which refuses the pickled yacs config
-  that official training checkpoints carry. Such a file is then read again with a
-  restricted unpickler that builds tensors and containers only and replaces every other
-  object with an inert placeholder; a warning says so.
+
+def load_torch_checkpoint(path: str) -> Any:
+  """Everything a `.pth` file holds, e.g. an official training checkpoint's model,
+  optimizer, lr_scheduler, max_accuracy, epoch and config (the yacs config as an
+  OrderedDict).
+
+  Read with `torch.load(weights_only=True)`, the yacs config admitted as an OrderedDict.
+  Raises UnsafeCheckpointError (naming the globals) for anything else a pickle names, and
+  WeightsFileError for a file that is empty, truncated or not a PyTorch checkpoint.
   """
-  import torch  # optional dependency
+  import torch  # noqa: PLC0415  optional dependency
 
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"No checkpoint file at {path!r}.")
-  try:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as error:
-    warnings.warn(
-        f"{path} holds objects besides tensors ({str(error).splitlines()[0][:200]}); reading it "
-        "with a restricted unpickler that keeps tensors and replaces other objects (such as the "
-        "official training config) with placeholders. Only the weights are used.", stacklevel=2)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False,
-                            pickle_module=_TENSORS_ONLY_PICKLE)
+  _check_readable(path)
+  with torch.serialization.safe_globals([YACS_CONFIG]), warnings.catch_warnings():
+    # A pickle of another protocol makes torch warn; whatever it holds is checked anyway.
+    warnings.filterwarnings("ignore", message="Detected pickle protocol")
+    try:
+      checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+      unsafe = _unsafe_globals(path, error)
+      if not unsafe:
+        raise WeightsFileError(f"{path} cannot be read as a PyTorch checkpoint: "
+                               f"{_why_unreadable(path, error)} ({_first_line(error)}).") from None
+      raise UnsafeCheckpointError(
+          f"{path} is refused: its pickle names {', '.join(unsafe)}, which loading it would "
+          "import and call (a .pth can run any code that way). Only tensors, plain "
+          "containers and the official training config (yacs.config.CfgNode, read as a dict) "
+          "are accepted. " + _RESAVE_HINT.format(path=path)) from None
+    except Exception as error:  # noqa: BLE001  torch's readers raise many kinds
+      raise WeightsFileError(f"{path} cannot be read as a PyTorch checkpoint: "
+                             f"{_why_unreadable(path, error)} ({_first_line(error)}).") from None
+  return checkpoint
+
+
+def _state_dict_of(path: str, checkpoint: Any) -> Mapping[str, Any]:
+  import torch  # noqa: PLC0415
+
   if not isinstance(checkpoint, Mapping):
-    raise ValueError(f"{path} holds a {type(checkpoint).__name__}, expected a state_dict or a "
-                     "{'model': state_dict} dictionary.")
-  return unwrap_state_dict(checkpoint)
+    raise WeightsFileError(f"{path} holds a {type(checkpoint).__name__}, expected a state_dict "
+                           "or a {'model': state_dict} dictionary.")
+  state_dict = unwrap_state_dict(checkpoint)
+  not_tensors = [f"{key!r} ({type(value).__name__})" for key, value in state_dict.items()
+                 if not (isinstance(key, str) and isinstance(value, torch.Tensor))]
+  if not_tensors:
+    shown = ", ".join(not_tensors[:5]) + (f" and {len(not_tensors) - 5} more"
+                                          if len(not_tensors) > 5 else "")
+    raise WeightsFileError(f"{path} is not a state_dict: a state_dict maps names to tensors, "
+                           f"but it holds {shown}.")
+  return state_dict
 
 
 def save_torch_file(state_dict: Mapping[str, np.ndarray], path: str) -> None:
   """Writes `{'model': state_dict}` as the official code does (loads with weights_only=True)."""
-  import torch  # optional dependency
+  import torch  # noqa: PLC0415  optional dependency
 
   tensors = {key: torch.from_numpy(np.array(value)) for key, value in state_dict.items()}
   _atomic_write(path, lambda tmp: torch.save({"model": tensors}, tmp))
 
 
 def load_safetensors_file(path: str) -> dict[str, np.ndarray]:
-  """A `.safetensors` state_dict as NumPy arrays (no PyTorch needed)."""
-  from safetensors.numpy import load_file
+  """A `.safetensors` state_dict as NumPy arrays (no PyTorch needed); bfloat16 tensors come
+  back as `ml_dtypes.bfloat16` arrays."""
+  import ml_dtypes  # noqa: F401, PLC0415  registers bfloat16 with NumPy: safetensors needs it
+  from safetensors import SafetensorError  # noqa: PLC0415
+  from safetensors.numpy import load_file  # noqa: PLC0415
 
-  return load_file(path)
+  _check_readable(path)
+  try:
+    return load_file(path)
+  except SafetensorError as error:
+    reason = str(error)
+    if "not fully covered" in reason or "incomplete" in reason:
+      what = "it is truncated (its header lists more bytes than the file holds)"
+    else:
+      what = "it is damaged or not a .safetensors file"
+    raise WeightsFileError(f"{path} cannot be read as .safetensors: {what} "
+                           f"({_first_line(error)}).") from None
 
 
 def save_safetensors_file(state_dict: Mapping[str, np.ndarray], path: str) -> None:
-  from safetensors.numpy import save_file
+  import ml_dtypes  # noqa: F401, PLC0415  bfloat16 arrays, see load_safetensors_file
+  from safetensors.numpy import save_file  # noqa: PLC0415
 
   arrays = {key: np.ascontiguousarray(value) for key, value in state_dict.items()}
   _atomic_write(path, lambda tmp: save_file(arrays, tmp, metadata={"format": "pt"}))

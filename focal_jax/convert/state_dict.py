@@ -53,12 +53,38 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
   return checkpoint
 
 
-class StateDictMismatch(ValueError):
+class WeightsError(ValueError):
+  """Weights that cannot be used; the message says which and why."""
+
+
+class StateDictMismatch(WeightsError):
   """A state_dict that does not fit the requested variant."""
 
 
-def check_state_dict(state_dict: Mapping[str, Any], entries: list[Entry], variant: str) -> None:
-  """Raises StateDictMismatch listing missing, unexpected, mis-shaped and altered keys."""
+class InvalidWeights(WeightsError):
+  """Weights of the right names and shapes whose values cannot be used: not floating
+  point, or not finite."""
+
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _dtype_name(value: Any) -> str:
+  """'float32', 'bfloat16', 'int64', ... of a NumPy array or a torch.Tensor."""
+  dtype = getattr(value, "dtype", None)
+  if dtype is None:
+    return type(value).__name__
+  return str(dtype).removeprefix("torch.")
+
+
+def _in(source: str | None) -> str:
+  return f" in {source}" if source else ""
+
+
+def check_state_dict(state_dict: Mapping[str, Any], entries: list[Entry], variant: str,
+                     source: str | None = None) -> None:
+  """Raises StateDictMismatch listing missing, unexpected, mis-shaped and altered keys
+  (`source`: the file it came from, named in the message)."""
   expected = {e.key: e for e in entries}
   missing = [k for k in expected if k not in state_dict]
   unexpected = [k for k in state_dict if k not in expected]
@@ -74,7 +100,7 @@ def check_state_dict(state_dict: Mapping[str, Any], entries: list[Entry], varian
         wrong_buffer.append(key)
   if not (missing or unexpected or wrong_shape or wrong_buffer):
     return
-  lines = [f"The state_dict does not match {variant}."]
+  lines = [f"The state_dict{_in(source)} does not match {variant}."]
   for title, keys in (("missing keys", missing), ("unexpected keys", unexpected),
                       ("wrongly shaped keys", wrong_shape),
                       ("buffers whose values differ (another img_size or option?)", wrong_buffer)):
@@ -87,7 +113,7 @@ def check_state_dict(state_dict: Mapping[str, Any], entries: list[Entry], varian
 
 
 def _check_param_shapes(state_dict: Mapping[str, Any], entries: list[Entry], params: Any,
-                        variant: str) -> None:
+                        variant: str, source: str | None = None) -> None:
   wrong = []
   for entry in entries:
     if entry.buffer is not None:
@@ -99,23 +125,59 @@ def _check_param_shapes(state_dict: Mapping[str, Any], entries: list[Entry], par
       wrong.append(f"{entry.key}: got {got}, expected {official}")
   if wrong:
     raise StateDictMismatch(
-        f"The state_dict does not match {variant}.\n  {len(wrong)} wrongly shaped keys:\n    "
+        f"The state_dict{_in(source)} does not match {variant}.\n  {len(wrong)} wrongly "
+        "shaped keys:\n    "
         + "\n    ".join(wrong[:30]) + "\nPass the variant and options the checkpoint was trained with.")
 
 
+def _float_values(state_dict: Mapping[str, Any], entries: list[Entry],
+                  source: str | None) -> dict[str, np.ndarray]:
+  """{key: float32 array} of the parameters; raises InvalidWeights naming the parameters
+  that are not floating point (e.g. integers where weights belong) or hold NaN or Inf."""
+  values, not_float, non_finite = {}, [], []
+  for entry in entries:
+    if entry.buffer is not None:
+      continue
+    raw = state_dict[entry.key]
+    dtype = _dtype_name(raw)
+    if dtype not in FLOAT_DTYPES:
+      not_float.append(f"{entry.key}: {dtype}")
+      continue
+    value = _to_numpy(raw).astype(np.float32)
+    bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+    if bad:
+      non_finite.append(f"{entry.key}: {bad} of {value.size} values are NaN or Inf")
+    values[entry.key] = value
+  lines = []
+  for title, keys in ((f"parameters that are not floating point (expected one of "
+                       f"{', '.join(FLOAT_DTYPES)})", not_float),
+                      ("parameters with NaN or Inf values", non_finite)):
+    if keys:
+      shown = "\n    ".join(keys[:10]) + (f"\n    ... and {len(keys) - 10} more"
+                                          if len(keys) > 10 else "")
+      lines.append(f"  {len(keys)} {title}:\n    {shown}")
+  if lines:
+    raise InvalidWeights(
+        f"The weights{_in(source)} cannot be used:\n" + "\n".join(lines)
+        + "\nThe file is damaged or was saved from a broken run: use another copy or an "
+        "earlier checkpoint.")
+  return values
+
+
 def load_state_dict(model: FocalTransformer, state_dict: Mapping[str, Any],
-                    variant: str = "the model") -> FocalTransformer:
-  """Copies an official state_dict into `model` in place (strict: every key must fit)."""
+                    variant: str = "the model", source: str | None = None) -> FocalTransformer:
+  """Copies an official state_dict into `model` in place (strict: every key must fit, and
+  every parameter must be finite floating point). `source` names the file in errors."""
   state_dict = unwrap_state_dict(state_dict)
   entries = official_entries(model)
-  check_state_dict(state_dict, entries, variant)
+  check_state_dict(state_dict, entries, variant, source)
   params = nnx.state(model, nnx.Param)
-  _check_param_shapes(state_dict, entries, params, variant)
+  _check_param_shapes(state_dict, entries, params, variant, source)
+  values = _float_values(state_dict, entries, source)  # everything checked before any copy
   for entry in entries:
     if entry.buffer is None:
       variable = _param_at(params, entry.path)
-      value = entry.from_torch(_to_numpy(state_dict[entry.key]).astype(np.float32))
-      variable[...] = np.ascontiguousarray(value)
+      variable[...] = np.ascontiguousarray(entry.from_torch(values[entry.key]))
   nnx.update(model, params)
   return model
 
@@ -140,15 +202,19 @@ def params_by_path(state_dict: Mapping[str, Any], model: FocalTransformer
 
 
 def from_torch_state_dict(state_dict: Mapping[str, Any], name: str | None = "focal_tiny",
-                          img_size: Any = 224, **overrides: Any) -> FocalTransformer:
+                          img_size: Any = 224, source: str | None = None,
+                          **overrides: Any) -> FocalTransformer:
   """Builds the variant `name` (with official-name overrides) holding the given weights.
 
   `num_classes` is read from the head unless given. Raises StateDictMismatch, listing
-  missing, unexpected and wrongly shaped keys, when the weights belong to another model.
+  missing, unexpected and wrongly shaped keys, when the weights belong to another model,
+  and InvalidWeights for parameters that are not finite floating point; `source` (the file
+  the weights came from) is named in both.
   """
   state_dict = unwrap_state_dict(state_dict)
   if "num_classes" not in overrides:
     overrides["num_classes"] = int(np.shape(state_dict["head.weight"])[0]) if "head.weight" in state_dict else 0
   model = create_model(name, img_size=img_size, **overrides)
   label = name or "the configured model"
-  return load_state_dict(model, state_dict, f"{label} (img_size={img_size}, options={overrides})")
+  return load_state_dict(model, state_dict, f"{label} (img_size={img_size}, options={overrides})",
+                         source)
