@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Iterator
-
 from etils import epath
 
 
@@ -113,26 +111,28 @@ def remove(path: str) -> None:
 
 
 def move(source: str, target: str) -> None:
-  """Moves a file or a directory tree (on a bucket: copies every object, then deletes)."""
+  """Moves a file or a directory tree (on a bucket: each object copied, then deleted)."""
   if not (is_remote(source) or is_remote(target)):
     shutil.move(source, target)
     return
-  src = epath.Path(source)
+  src, dst = epath.Path(source), epath.Path(target)
   if not src.is_dir():
-    src.copy(epath.Path(target), overwrite=True)
+    src.copy(dst, overwrite=True)
     src.unlink()
     return
-  for relative in _files_under(src):
-    dst = epath.Path(target) / relative
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    (src / relative).copy(dst, overwrite=True)
+  for relative in _relative_files(src):  # objects only: a bucket's "directories" are prefixes
+    (src / relative).copy(dst / relative, overwrite=True)
   src.rmtree()
 
 
-def _files_under(root: epath.Path) -> Iterator[str]:
-  for directory, _, names in root.walk():
-    for name in names:
-      yield os.path.relpath(os.fspath(directory / name), os.fspath(root))
+def _relative_files(root: epath.Path, prefix: str = "") -> list[str]:
+  files = []
+  for path in root.iterdir():
+    if path.is_dir():
+      files += _relative_files(path, f"{prefix}{path.name}/")
+    else:
+      files.append(prefix + path.name)
+  return files
 
 
 def free_bytes(path: str) -> int | None:

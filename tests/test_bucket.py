@@ -1,14 +1,16 @@
 """A workdir in a bucket: training, a kill, a damaged checkpoint, the resume, the export,
 the metrics, TensorBoard and conversion, all against a GCS API served on 127.0.0.1 by
-`gcp-storage-emulator` (started and stopped here).
+`gcp-storage-emulator` (tests/gcs_emulator.py, started and stopped here).
 
 How each client is pointed at the emulator:
 - tensorstore (orbax's arrays): TENSORSTORE_GCS_HTTP_URL;
 - etils.epath (orbax's directories and every other file, through focal_jax.storage):
   EPATH_USE_TF=false selects its fsspec backend, gcsfs, which reads STORAGE_EMULATOR_HOST;
-  FSSPEC_GCS_TOKEN=anon skips the credential search, and
+  FSSPEC_GCS_TOKEN=anon skips the credential search,
   GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false the bucket-type lookup over gRPC, which the
-  emulator does not serve (each lookup otherwise waits 60 s, then falls back).
+  emulator does not serve (each lookup otherwise waits 60 s, then falls back), and
+  FSSPEC_GCS_USE_LISTINGS_CACHE=false gcsfs's directory cache, which would not see the
+  objects another process wrote (this one watches the training run's checkpoints).
 TensorFlow's own GCS client has no endpoint setting (it always calls
 storage.googleapis.com), so nothing here goes through it: TensorBoard event files are
 uploaded through focal_jax.storage.
@@ -28,7 +30,7 @@ import numpy as np
 import pytest
 
 import focal_jax
-from focal_jax import storage, weights
+from focal_jax import data, storage, weights
 from focal_jax.convert import to_torch_state_dict
 from focal_jax.convert.__main__ import main as convert_main
 
@@ -49,9 +51,8 @@ def gcs_env():
   port = _free_port()
   url = f"http://127.0.0.1:{port}"
   server = subprocess.Popen(
-      [os.path.join(os.path.dirname(sys.executable), "gcp-storage-emulator"), "start",
-       "--host", "127.0.0.1", "--port", str(port), "--default-bucket", BUCKET, "--in-memory",
-       "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+      [sys.executable, os.path.join(os.path.dirname(__file__), "gcs_emulator.py"), str(port),
+       BUCKET], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 30
   while True:
     try:
@@ -64,12 +65,19 @@ def gcs_env():
       time.sleep(0.1)
   variables = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
                "EPATH_USE_TF": "false", "FSSPEC_GCS_TOKEN": "anon",
-               "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+               "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "FSSPEC_GCS_USE_LISTINGS_CACHE": "false"}
   previous = {k: os.environ.get(k) for k in variables}
   os.environ.update(variables)
+  # epath reads EPATH_USE_TF once and caches it, fsspec its FSSPEC_* variables at import
+  # (TFDS has used both in this process already): read them again.
+  import fsspec.config  # noqa: PLC0415
+  from etils.epath import gpath  # noqa: PLC0415
+  gpath._is_tf_installed.cache_clear()  # noqa: SLF001
+  fsspec.config.set_conf_env(fsspec.config.conf)
   try:
     yield variables
   finally:
+    gpath._is_tf_installed.cache_clear()  # noqa: SLF001
     for key, value in previous.items():
       if value is None:
         os.environ.pop(key, None)
@@ -82,7 +90,7 @@ def gcs_env():
 @pytest.fixture(scope="module")
 def digits_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("tfds"))
-  focal_jax.data.get_builder("focal_digits", path)
+  data.get_builder("focal_digits", path)
   return path
 
 
@@ -116,6 +124,7 @@ def _finish(process, timeout=300) -> str:
 
 
 def _committed_steps(workdir) -> list[int]:
+  """The checkpoint steps that orbax finished (on a bucket: those with commit_success.txt)."""
   directory = storage.join(workdir, "checkpoints")
   if not storage.isdir(directory):
     return []
@@ -127,7 +136,7 @@ def test_gs_workdir_trains_is_killed_resumes_and_exports(tmp_path, gcs_env, digi
   workdir = f"gs://{BUCKET}/runs/tiny"
   config_file = _config_file(
       tmp_path / "tiny.py", dataset="focal_digits", data_dir=digits_dir, eval_split="test",
-      eval_batch_size=16, num_train_steps=12, checkpoint_every_steps=3, log_every_steps=3,
+      eval_batch_size=16, num_train_steps=40, checkpoint_every_steps=4, log_every_steps=4,
       keep_checkpoints=0, **{"mesh.data": 1})
   cache = str(tmp_path / "jax_cache")
   killed = _start(config_file, workdir, tmp_path / "killed.log", gcs_env, cache)
@@ -141,7 +150,7 @@ def test_gs_workdir_trains_is_killed_resumes_and_exports(tmp_path, gcs_env, digi
   output = _finish(killed)
   assert killed.returncode == -signal.SIGKILL, output[-3000:]
   steps = _committed_steps(workdir)
-  assert 6 <= steps[-1] < 12, "the run ended before the kill"
+  assert 8 <= steps[-1] < 40, "the run ended before the kill"
   assert not storage.exists(storage.join(workdir, "export"))
   # Damage the newest checkpoint: its meta item disappears.
   newest = storage.join(workdir, "checkpoints", str(steps[-1]))
@@ -153,12 +162,12 @@ def test_gs_workdir_trains_is_killed_resumes_and_exports(tmp_path, gcs_env, digi
   assert f"Restored checkpoint step {steps[-2]}" in output
   aside = storage.join(workdir, "damaged_checkpoints", str(steps[-1]))
   assert f"Moved it to {aside}" in output and storage.isdir(aside)
-  assert _committed_steps(workdir)[-1] == 12
+  assert _committed_steps(workdir)[-1] == 40
   # metrics.jsonl: each step once, the rewritten ones too; TensorBoard: one file per run.
   records = [json.loads(line) for line in
              storage.read_text(storage.join(workdir, "metrics.jsonl")).splitlines()]
-  assert [r["step"] for r in records if "train/loss" in r] == [3, 6, 9, 12]
-  assert [r["step"] for r in records if "eval/top1" in r] == [12]
+  assert [r["step"] for r in records if "train/loss" in r] == list(range(4, 41, 4))
+  assert [r["step"] for r in records if "eval/top1" in r] == [40]
   events = storage.listdir(storage.join(workdir, "tensorboard"))
   assert len(events) == 2 and all(name.startswith("events.out.tfevents.") for name in events)
   assert storage.exists(storage.join(workdir, "config.json"))
