@@ -8,6 +8,7 @@ import os
 from test_reliability import ROOT, _finish, _start
 from test_training import compilation_cache, digits_dir  # noqa: F401  (fixtures)
 
+from focal_jax import weights
 from focal_jax.training import checkpoint, loop, metrics
 from focal_jax.training import train_state as ts
 
@@ -41,8 +42,8 @@ def _demo_workdir(workdir, data_dir):
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, loop.CHECKPOINT_DIR))
   ckpt.save(0, state, run.meta(0, loop._DataTracker((0, 0), 1), []))
   ckpt.close()
-  return checkpoint.export_params(os.path.join(workdir, loop.EXPORT_DIR), state.params,
-                                  run.description)
+  return weights.export_params(os.path.join(workdir, loop.EXPORT_DIR), state.params,
+                               run.description)
 
 
 def test_demo_workdir_and_export_evaluate_to_their_end(tmp_path, digits_dir):  # noqa: F811
