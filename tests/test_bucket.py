@@ -65,7 +65,8 @@ def gcs_env():
       time.sleep(0.1)
   variables = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
                "EPATH_USE_TF": "false", "FSSPEC_GCS_TOKEN": "anon",
-               "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "FSSPEC_GCS_USE_LISTINGS_CACHE": "false"}
+               "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+               "FSSPEC_GCS_USE_LISTINGS_CACHE": "false"}
   previous = {k: os.environ.get(k) for k in variables}
   os.environ.update(variables)
   # epath reads EPATH_USE_TF once and caches it, fsspec its FSSPEC_* variables at import

@@ -91,7 +91,8 @@ def test_same_head_loads_everything_and_exclude_reinitialises(source, caplog):
 
 
 def test_a_checkpoint_of_another_model_is_refused(source, tmp_path):
-  shapes = r"34 of another shape: layers.0.blocks.0.attn.proj.bias: checkpoint \(16,\), model \(8,\)"
+  shapes = (r"34 of another shape: layers.0.blocks.0.attn.proj.bias: checkpoint \(16,\), "
+            r"model \(8,\)")
   with pytest.raises(ValueError, match=shapes):
     focal_jax.create_model(None, num_classes=5, img_size=SIZE,
                            checkpoint_path=source["safetensors"], **{**TINY, "embed_dim": 8})

@@ -1,8 +1,9 @@
 """Where metrics go: metrics.jsonl, TensorBoard event files, a PNG of the curves, the log.
 
-Only process 0 writes, through `focal_jax.storage` (so a gs:// workdir works). Every record is one JSON object per line with "step"; training
-records carry train/loss, train/lr, train/grad_norm, train/img_per_sec, evaluation records
-eval/top1, eval/top5, eval/loss and eval/examples.
+Only process 0 writes, through `focal_jax.storage` (so a gs:// workdir works). Every
+record is one JSON object per line with "step"; training records carry train/loss,
+train/lr, train/grad_norm, train/img_per_sec, evaluation records eval/top1, eval/top5,
+eval/loss and eval/examples.
 """
 
 from __future__ import annotations
