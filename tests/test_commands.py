@@ -16,7 +16,8 @@ import numpy as np
 from test_reliability import ROOT, _finish, _start
 from test_training import compilation_cache, digits_dir  # noqa: F401  (fixtures)
 
-from focal_jax.convert import files
+from focal_jax import weights
+from focal_jax.weights import files
 from focal_jax.training import checkpoint, loop, metrics
 from focal_jax.training import train_state as ts
 
@@ -64,8 +65,8 @@ def _demo_workdir(workdir, data_dir):
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, loop.CHECKPOINT_DIR))
   ckpt.save(0, state, run.meta(0, loop._DataTracker((0, 0), 1), []))
   ckpt.close()
-  return checkpoint.export_params(os.path.join(workdir, loop.EXPORT_DIR), state.params,
-                                  run.description)
+  return weights.export_params(os.path.join(workdir, loop.EXPORT_DIR), state.params,
+                               run.description)
 
 
 def test_demo_workdir_and_export_evaluate_to_their_end(tmp_path, digits_dir):  # noqa: F811
@@ -105,8 +106,8 @@ def test_demo_workdir_and_export_evaluate_to_their_end(tmp_path, digits_dir):  #
                     "--checkpoint", out, "--output", back, "--img-size", "32", *options).stdout
   assert printed == f"wrote 1,430,199 parameters of focal_tiny to {back}\n"
   expected = {k: np.asarray(v) for k, v in
-              files_flat(checkpoint.load_exported_params(export)).items()}
-  got = files_flat(checkpoint.load_exported_params(back))
+              files_flat(weights.load_exported_params(export)).items()}
+  got = files_flat(weights.load_exported_params(back))
   assert got.keys() == expected.keys()
   assert all(np.array_equal(got[k], expected[k]) for k in expected)
 

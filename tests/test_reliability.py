@@ -29,7 +29,7 @@ from flax import nnx
 from test_data import corrupt_imagenet_dir  # noqa: F401  (fixture)
 from test_training import compilation_cache, digits_dir, flat, tiny_config  # noqa: F401
 
-from focal_jax import data
+from focal_jax import data, storage, weights
 from focal_jax.training import checkpoint, input, loop, metrics, preflight
 from focal_jax.training import train_state as ts
 from focal_jax.training.config import validate_config
@@ -118,7 +118,7 @@ def test_workdir_that_fails_to_write_is_refused_at_once(tmp_path, monkeypatch, n
   def no_space(path, mode="r", *args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device", path)
 
-  monkeypatch.setattr(preflight, "open", no_space, raising=False)
+  monkeypatch.setattr(storage, "open", no_space, raising=False)  # every write of the workdir
   with pytest.raises(preflight.WorkdirError, match=r"No space left.*The filesystem is full"):
     loop.train_and_evaluate(digits_config(), str(tmp_path / "run"))
 
@@ -132,12 +132,12 @@ def _fake_checkpoint(workdir, meta, state=None):
 
 def _description(config, num_classes=10):
   spec = ts.model_spec_from_config(config, num_classes)
-  return checkpoint.model_description(spec.name, num_classes, spec.img_size,
+  return weights.model_description(spec.name, num_classes, spec.img_size,
                                       spec.json_overrides())
 
 
 @pytest.mark.parametrize("saved, message", [
-    ({"model": checkpoint.model_description("focal_tiny", 10, 32, {})},
+    ({"model": weights.model_description("focal_tiny", 10, 32, {})},
      r"is of another model: .*focal_tiny"),
     ({"ema": True, "config": {"ema_decay": 0.999}},
      r"written with ema_decay=0.999 \(EMA on\), this config ema_decay=0.0.*Switching EMA"),
@@ -245,7 +245,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
       r"non-finite is saved. The last checkpoint \(step 4\) is intact")):
     loop.train_and_evaluate(config, workdir)
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["4"]
-  model, _ = checkpoint.load_workdir_model(workdir)
+  model, _ = weights.load_workdir_model(workdir)
   params = jax.tree.leaves(jax.device_get(nnx.state(model, nnx.Param)))
   assert all(np.isfinite(p).all() for p in params)
   # A rerun without the bad data resumes from step 4 and finishes.
@@ -387,7 +387,7 @@ def test_sigkill_mid_run_then_rerun_ends_bit_identical(tmp_path, digits_dir):
   # The rerun trained on from the newest checkpoint, with the same data, augmentation and
   # dropout draws: the final parameters equal the uninterrupted run's bit for bit.
   expected = by_name(reference.state.params)
-  got = by_name(checkpoint.load_exported_params(os.path.join(workdir, loop.EXPORT_DIR)))
+  got = by_name(weights.load_exported_params(os.path.join(workdir, loop.EXPORT_DIR)))
   assert got.keys() == expected.keys()
   assert all(np.array_equal(got[k], expected[k]) for k in expected)
   # The logs: the interval cut by the checkpoint reports what the uninterrupted run did,
@@ -467,7 +467,7 @@ def test_two_processes_train_like_one_and_stop_together(tmp_path, digits_dir, mo
   assert losses.keys() == expected.keys() == set(range(1, 7))
   assert [losses[k] for k in sorted(losses)] == pytest.approx(
       [expected[k] for k in sorted(expected)], rel=1e-6)
-  params = by_name(checkpoint.load_exported_params(os.path.join(workdir, loop.EXPORT_DIR)))
+  params = by_name(weights.load_exported_params(os.path.join(workdir, loop.EXPORT_DIR)))
   reference_params = by_name(reference.state.params)
   assert params.keys() == reference_params.keys()
   diffs = np.concatenate([np.abs(params[k] - reference_params[k]).ravel() for k in params])

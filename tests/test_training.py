@@ -20,6 +20,7 @@ import pytest
 from flax import nnx
 
 import focal_jax
+from focal_jax import weights
 from focal_jax.training import checkpoint, evaluate, input, loop, metrics, optim, sharding
 from focal_jax.training import train_state as ts
 from focal_jax.training.config import default_config, validate_config
@@ -195,8 +196,9 @@ def test_unknown_config_key_and_variant_fail_at_once():
     validate_config(config)
 
 
-@pytest.mark.parametrize("name", ["base", "demo", "focal_tiny", "focal_tiny_conv", "focal_small",
-                                  "focal_small_conv", "focal_base", "focal_base_conv"])
+@pytest.mark.parametrize("name", ["base", "demo", "demo_finetune", "finetune", "focal_tiny",
+                                  "focal_tiny_conv", "focal_small", "focal_small_conv",
+                                  "focal_base", "focal_base_conv"])
 def test_config_files_are_valid(name):
   import importlib.util  # noqa: PLC0415
   path = os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.py")
@@ -331,19 +333,19 @@ def test_one_step_end_to_end(tmp_path, digits_dir):
   assert scalars[("train/loss", 1)] == pytest.approx(train[0]["train/loss"])
   assert scalars[("eval/examples", 1)] == 364
   # The export rebuilds the trained model for inference.
-  model = checkpoint.load_exported_model(os.path.join(workdir, loop.EXPORT_DIR))
+  model = weights.load_exported_model(os.path.join(workdir, loop.EXPORT_DIR))
   assert model.config.num_classes == 10 and model.config.embed_dim == 16
   trained = flat(result.state.params)
   exported = flat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   assert trained.keys() == exported.keys()
   assert all(np.array_equal(trained[k], exported[k]) for k in trained)
   # So does the workdir's checkpoint (what the conversion CLI reads from a workdir).
-  model, description = checkpoint.load_workdir_model(workdir)
+  model, description = weights.load_workdir_model(workdir)
   assert description["overrides"]["embed_dim"] == 16
   from_workdir = flat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   assert all(np.array_equal(trained[k], from_workdir[k]) for k in trained)
   # EMA after one step from a copy of the initial parameters: 0.5 * (init + trained).
-  ema_model, _ = checkpoint.load_workdir_model(workdir, ema=True)
+  ema_model, _ = weights.load_workdir_model(workdir, ema=True)
   ema = flat(nnx.to_pure_dict(nnx.state(ema_model, nnx.Param)))
   assert all(np.array_equal(ema[k], flat(result.state.ema_params)[k]) for k in trained)
   assert not all(np.array_equal(ema[k], trained[k]) for k in trained)
@@ -454,7 +456,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, digits_dir):
   workdir = str(tmp_path / "run")
   config = tiny_config(dataset="focal_digits", data_dir=digits_dir, eval_split="test")
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-  other = checkpoint.model_description("focal_tiny", 10, 32, {})
+  other = weights.model_description("focal_tiny", 10, 32, {})
   ckpt.save(1, {"x": jnp.zeros(2)}, {"step": 1, "data_step": 1, "model": other})
   ckpt.close()
   with pytest.raises(ValueError, match="another model"):

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from focal_jax.convert import files
+from focal_jax import storage, weights
 from focal_jax.convert.state_dict import from_torch_state_dict, to_torch_state_dict
 from focal_jax.models import VARIANTS
 
@@ -38,16 +38,14 @@ def _parse_override(text: str) -> tuple[str, Any]:
 
 def load_checkpoint_model(path: str, ema: bool = False):
   """(model, description) from a training workdir or a parameter export."""
-  from focal_jax.training import checkpoint as ckpt  # orbax formats live with training
-
-  if ckpt.is_export(path):
-    return ckpt.load_exported_model(path), ckpt.read_description(path)
-  directory = os.path.join(path, "checkpoints")
-  if not os.path.isdir(directory):
+  if weights.is_export(path):
+    return weights.load_exported_model(path), weights.read_description(path)
+  directory = os.path.join(path, weights.CHECKPOINT_DIR)
+  if not storage.isdir(directory):
     raise FileNotFoundError(
         f"{path!r} is neither a training workdir (no checkpoints/ inside) nor a parameter "
         "export (model.json and params/). Pass the --workdir of a training run or an export.")
-  return ckpt.load_workdir_model(path, ema=ema)
+  return weights.load_workdir_model(path, ema=ema)
 
 
 def to_torch(args: argparse.Namespace) -> None:
@@ -57,27 +55,25 @@ def to_torch(args: argparse.Namespace) -> None:
     raise SystemExit(f"error: {args.checkpoint} holds a {saved} model, not {args.model}; "
                      f"pass --model {saved}.")
   state_dict = to_torch_state_dict(model)
-  files.save_weights_file(state_dict, args.output)
+  weights.save_weights_file(state_dict, args.output)
   print(f"wrote {len(state_dict)} entries ({sum(v.size for v in state_dict.values()):,} values) "
         f"of {saved or 'the model'} to {args.output}")
 
 
 def from_torch(args: argparse.Namespace) -> None:
-  from focal_jax.training import checkpoint as ckpt
-
-  if os.path.exists(args.output) and os.listdir(args.output) and not args.overwrite:
+  if storage.exists(args.output) and storage.listdir(args.output) and not args.overwrite:
     raise SystemExit(f"error: {args.output} exists and is not empty; choose a new directory "
                      "or pass --overwrite.")
-  state_dict = files.load_weights_file(args.checkpoint)
+  state_dict = weights.load_weights_file(args.checkpoint)
   overrides = dict(args.set or [])
   img_size = args.img_size[0] if len(args.img_size) == 1 else tuple(args.img_size)
   model = from_torch_state_dict(state_dict, args.model, img_size=img_size,
                                 source=args.checkpoint, **overrides)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  description = ckpt.model_description(args.model, model.config.num_classes, img_size,
-                                       {k: list(v) if isinstance(v, tuple) else v
-                                        for k, v in overrides.items()})
-  ckpt.export_params(args.output, params, description)
+  description = weights.model_description(args.model, model.config.num_classes, img_size,
+                                          {k: list(v) if isinstance(v, tuple) else v
+                                           for k, v in overrides.items()})
+  weights.export_params(args.output, params, description)
   count = sum(np.size(v) for v in jax.tree.leaves(params))
   print(f"wrote {count:,} parameters of {args.model} to {args.output}")
 

@@ -182,6 +182,25 @@ def load_state_dict(model: FocalTransformer, state_dict: Mapping[str, Any],
   return model
 
 
+def params_by_path(state_dict: Mapping[str, Any], model: FocalTransformer
+                   ) -> tuple[dict[tuple, np.ndarray], list[str]]:
+  """The parameters an official state_dict holds, in focal_jax layout, keyed by the path of
+  `model`'s parameter they map to, whatever their shapes (the caller decides what fits);
+  and the state_dict keys that are no parameter of `model`. Buffers are left out: the model
+  computes its own. `model` may be abstract (`nnx.eval_shape`)."""
+  state_dict = unwrap_state_dict(state_dict)
+  entries = official_entries(model)
+  buffers = {e.key for e in entries if e.buffer is not None}
+  params = {}
+  for entry in entries:
+    if entry.buffer is None and entry.key in state_dict:
+      value = _to_numpy(state_dict[entry.key]).astype(np.float32)
+      params[entry.path] = np.ascontiguousarray(entry.from_torch(value))
+  known = {e.key for e in entries}
+  unexpected = [k for k in state_dict if k not in known and k not in buffers]
+  return params, unexpected
+
+
 def from_torch_state_dict(state_dict: Mapping[str, Any], name: str | None = "focal_tiny",
                           img_size: Any = 224, source: str | None = None,
                           **overrides: Any) -> FocalTransformer:

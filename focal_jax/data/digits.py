@@ -9,6 +9,10 @@ evaluate on it anywhere, on CPU, in minutes.
 Splits (deterministic, stratified, no RNG): within each class, every 5th sample in
 scikit-learn's order (the 1st, 6th, 11th, ...) is `test`, the rest `train`: 364 test and
 1,433 train images, 35-37 test images per class.
+
+Builder configs: `focal_digits` (= `focal_digits/all`, the ten digits), and two halves for
+transfer experiments, `focal_digits/0to4` and `focal_digits/5to9` (five classes each, the
+labels 0-4 standing for the digits of the name; the same images and splits).
 """
 
 from __future__ import annotations
@@ -42,11 +46,24 @@ def test_mask(labels: np.ndarray) -> np.ndarray:
   return rank_in_class % TEST_EVERY == 0
 
 
+class DigitsConfig(tfds.core.BuilderConfig):
+  """Which digits a configuration holds; label i is the digit `digits[i]`."""
+
+  def __init__(self, *, digits: tuple[int, ...], **kwargs):
+    super().__init__(**kwargs)
+    self.digits = tuple(digits)
+
+
 class FocalDigits(tfds.core.GeneratorBasedBuilder):
   """scikit-learn's handwritten digits as a 32x32 RGB TFDS dataset (no download)."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "sklearn load_digits, 32x32 RGB PNG, every 5th of each class is test."}
+  BUILDER_CONFIGS = [
+      DigitsConfig(name="all", description="The ten digits.", digits=tuple(range(NUM_CLASSES))),
+      DigitsConfig(name="0to4", description="Digits 0-4 as labels 0-4.", digits=(0, 1, 2, 3, 4)),
+      DigitsConfig(name="5to9", description="Digits 5-9 as labels 0-4.", digits=(5, 6, 7, 8, 9)),
+  ]
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -54,7 +71,7 @@ class FocalDigits(tfds.core.GeneratorBasedBuilder):
         description=__doc__,
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format="png"),
-            "label": tfds.features.ClassLabel(names=[str(d) for d in range(NUM_CLASSES)]),
+            "label": tfds.features.ClassLabel(names=[str(d) for d in self.builder_config.digits]),
         }),
         supervised_keys=("image", "label"),
         homepage="https://archive.ics.uci.edu/dataset/80",
@@ -64,6 +81,9 @@ class FocalDigits(tfds.core.GeneratorBasedBuilder):
     del dl_manager  # The data ships inside scikit-learn.
     images, labels = digit_images()
     is_test = test_mask(labels)
+    digits = np.asarray(self.builder_config.digits)
+    keep = np.isin(labels, digits)
+    images, labels, is_test = images[keep], np.searchsorted(digits, labels[keep]), is_test[keep]
     return {
         "train": self._generate_examples(images[~is_test], labels[~is_test], "train"),
         "test": self._generate_examples(images[is_test], labels[is_test], "test"),

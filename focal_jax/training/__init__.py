@@ -4,14 +4,10 @@
     train_and_evaluate(config, workdir)   # config: configs/*.py get_config()
 
 The loop (and with it TensorFlow, for the input pipeline) and the config (ml_collections)
-are imported on first use, so `focal_jax.training.checkpoint` (used by the conversion CLI)
-works with the base install.
+are imported on first use. Parameter exports are read and written by `focal_jax.weights`.
 """
 
 import importlib
-
-from focal_jax.training.checkpoint import (export_params, load_exported_model,
-                                           load_workdir_model)
 
 _LAZY = {"train_and_evaluate": "loop", "RunResult": "loop", "default_config": "config",
          "validate_config": "config"}
@@ -23,5 +19,4 @@ def __getattr__(name):
   raise AttributeError(f"module 'focal_jax.training' has no attribute {name!r}")
 
 
-__all__ = ["RunResult", "default_config", "export_params", "load_exported_model",
-           "load_workdir_model", "train_and_evaluate", "validate_config"]
+__all__ = ["RunResult", "default_config", "train_and_evaluate", "validate_config"]

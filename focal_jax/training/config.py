@@ -8,6 +8,7 @@ a mistake (usually a typo) and `validate_config` says so at once.
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Any
 
 import ml_collections
@@ -25,6 +26,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.mode = "train"  # "train", or "eval": evaluate `checkpoint_path` (default: latest in workdir)
   c.checkpoint_path = ""  # eval mode: a checkpoint step dir, a checkpoints dir or an export dir
   c.seed = 0  # model init, dropout / stochastic depth, mixup, data order and augmentation
+  # Fine-tuning: a fresh run (no checkpoint in the workdir yet) starts from these weights
+  # (a parameter export, .pth or .safetensors) instead of a random init; the head is
+  # re-initialised when its shape differs, and so is every parameter whose dotted name
+  # (e.g. "head.kernel") matches a regular expression of `init_from_exclude`. A resumed
+  # run restores its own checkpoint and ignores both.
+  c.init_from = ""
+  c.init_from_exclude = ()
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "focal_tiny"  # a variant of focal_jax.VARIANTS, or "" for overrides only
@@ -150,6 +158,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f"grad_accum_steps={config.grad_accum_steps} must be >= 1 and divide batch_size="
         f"{config.batch_size} (the global batch is split into that many micro-batches).")
   mixup_group_size(config)
+  for pattern in config.init_from_exclude:
+    try:
+      re.compile(pattern)
+    except (re.error, TypeError) as error:
+      raise ValueError(f"init_from_exclude holds {pattern!r}, which is no regular expression "
+                       f"({error}); give patterns such as '^head\\.'.") from None
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ValueError("Set num_epochs > 0 or num_train_steps > 0.")
   # Build the model config now: unknown options, bad heads or image sizes fail here.

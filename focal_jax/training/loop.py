@@ -33,12 +33,13 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from focal_jax import pretrained, storage, weights
 from focal_jax.training import checkpoint, evaluate, input, metrics, optim, preflight, sharding
 from focal_jax.training import train_state as ts
 from focal_jax.training.config import validate_config
 from focal_jax.training.train_step import make_train_step
 
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = weights.CHECKPOINT_DIR
 EXPORT_DIR = "export"
 # Steps dispatched but not yet read back (outside log, eval and save steps): enough to keep
 # the device busy while the host fetches the next batch.
@@ -135,7 +136,7 @@ class _Run:
     self.num_classes = input.num_classes(self.builder)
     self.spec = ts.model_spec_from_config(config, self.num_classes)
     self.use_ema = config.ema_decay > 0
-    self.description = checkpoint.model_description(
+    self.description = weights.model_description(
         self.spec.name, self.num_classes, self.spec.img_size, self.spec.json_overrides())
 
   def prepare(self) -> None:
@@ -337,7 +338,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
   validate_config(config)
   _quiet_library_logs()
   maybe_initialize_distributed(config)
-  workdir = os.path.abspath(workdir)
+  workdir = storage.absolute(workdir)  # a local directory or a bucket (gs://...)
   run = _Run(config, workdir)
   training = config.mode != "eval"
   preflight.check_workdir(workdir, run.checkpoint_bytes() if training else 0,
@@ -347,6 +348,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), config.keep_checkpoints)
   try:
     run.check_latest_checkpoint(ckpt)
+    if config.init_from and ckpt.latest_step() is None:
+      pretrained.check_checkpoint_path(config.init_from)
     run.prepare()
   except BaseException:
     ckpt.close()
@@ -405,22 +408,26 @@ def _train(run: _Run, ckpt: checkpoint.Checkpointer) -> RunResult:
   try:
     restored = _restore(run, ckpt)
     if restored is None:
+      params = None
+      if config.init_from:  # fine-tuning: a fresh run starts from these weights
+        params = ts.pretrained_params(run.spec, run.shardings.params, config.init_from,
+                                      tuple(config.init_from_exclude))
+        logging.info("Initialised from %s.", config.init_from)
       state, meta, last_saved = ts.create_train_state(
-          run.spec, run.tx, run.shardings, run.mesh, config.seed), {}, None
+          run.spec, run.tx, run.shardings, run.mesh, config.seed, params), {}, None
     else:
       state, meta, last_saved = restored
     start = int(jax.device_get(state.step))
     data = _DataTracker.from_meta(meta, start, run)
     writer = metrics.MetricWriter(workdir, resume_step=start)
     if jax.process_index() == 0:
-      with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+      storage.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
     step, state, last_eval = _steps(run, ckpt, writer, state, start, data, last_saved,
                                     meta.get(INTERVAL_LOSSES, []))
     ckpt.wait()
     if step >= run.total_steps and config.export_params:
-      path = checkpoint.export_params(os.path.join(workdir, EXPORT_DIR), state.params,
-                                      run.description)
+      path = weights.export_params(os.path.join(workdir, EXPORT_DIR), state.params,
+                                   run.description)
       logging.info("Exported the parameters for inference / conversion to %s.", path)
   finally:  # an error still lets the save in flight finish: the last checkpoint stays whole
     if writer is not None:
@@ -532,22 +539,22 @@ def _eval_mode(run: _Run) -> RunResult:
   """Evaluates config.checkpoint_path: an export dir, a checkpoint step dir or a
   checkpoints dir (its latest step); default: the latest checkpoint of the workdir."""
   config, workdir = run.config, run.workdir
-  path = os.path.abspath(config.checkpoint_path or os.path.join(workdir, CHECKPOINT_DIR))
-  if checkpoint.is_export(path):
-    description = checkpoint.read_description(path)
+  path = storage.absolute(config.checkpoint_path or os.path.join(workdir, CHECKPOINT_DIR))
+  if weights.is_export(path):
+    description = weights.read_description(path)
     run.check_model({"model": description}, path)
     run.prepare()
     target = ts.with_shardings(run.abstract.params, run.shardings.params)
-    params = checkpoint.load_exported_params(path, target)
+    params = weights.load_exported_params(path, target)
     step, results = -1, run.evaluate(params)
   else:
     directory, step = path, None
-    if os.path.basename(path).isdigit() and not os.path.isdir(os.path.join(path, "0")):
+    if os.path.basename(path).isdigit() and not storage.isdir(os.path.join(path, "0")):
       directory, step = os.path.dirname(path), int(os.path.basename(path))
-    if not os.path.isdir(directory):
+    if not storage.isdir(directory):
       raise FileNotFoundError(
           f"No checkpoint at {path}: expected an export directory (with "
-          f"{checkpoint.MODEL_JSON}), a checkpoints directory or one step of it.")
+          f"{weights.MODEL_JSON}), a checkpoints directory or one step of it.")
     # Never clean up here: a run may be writing into this directory right now.
     ckpt = checkpoint.Checkpointer(directory, keep=0, async_save=False, cleanup=False)
     try:

@@ -1,13 +1,15 @@
 """Where metrics go: metrics.jsonl, TensorBoard event files, a PNG of the curves, the log.
 
-Only process 0 writes. Every record is one JSON object per line with "step"; training
-records carry train/loss, train/lr, train/grad_norm, train/img_per_sec, evaluation records
-eval/top1, eval/top5, eval/loss and eval/examples.
+Only process 0 writes, through `focal_jax.storage` (so a gs:// workdir works). Every
+record is one JSON object per line with "step"; training records carry train/loss,
+train/lr, train/grad_norm, train/img_per_sec, evaluation records eval/top1, eval/top5,
+eval/loss and eval/examples.
 """
 
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import logging
 import os
@@ -15,6 +17,7 @@ from typing import Any
 
 import jax
 
+from focal_jax import storage
 from focal_jax.training.tensorboard import ScalarWriter
 
 METRICS_FILE = "metrics.jsonl"
@@ -35,7 +38,7 @@ class MetricWriter:
     self._tb = None
     if not self.active:
       return
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     purge_step = None
     if resume_step is not None:
       self._drop_after(resume_step)
@@ -46,17 +49,14 @@ class MetricWriter:
     """A (re)started run repeats the steps after its checkpoint (all of them without one):
     forget their old records."""
     records = read_metrics(self.workdir)
-    with open(self.path, "w") as f:
-      for record in records:
-        if record["step"] <= step:
-          f.write(json.dumps(record) + "\n")
+    storage.write_text(self.path, "".join(json.dumps(record) + "\n" for record in records
+                                          if record["step"] <= step))
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if not self.active:
       return
     record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    storage.append_text(self.path, json.dumps(record) + "\n")
     if self._tb is not None:
       self._tb.write(step, {k: float(v) for k, v in record.items()
                             if k != "step" and isinstance(v, (int, float))})
@@ -75,10 +75,9 @@ def _plain(value: Any) -> Any:
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
 def plot_curves(workdir: str) -> str | None:
@@ -109,8 +108,10 @@ def plot_curves(workdir: str) -> str | None:
     axes[2].legend()
   fig.tight_layout()
   path = os.path.join(workdir, CURVES_FILE)
-  fig.savefig(path, dpi=100)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=100)
   plt.close(fig)
+  storage.write_bytes(path, png.getvalue())
   return path
 
 

@@ -1,17 +1,21 @@
 """Checks that run before anything expensive starts (dataset preparation, compilation):
 the workdir can be created and written, and has room for a checkpoint. With several
 processes every process checks, and all of them stop if any check fails.
+
+On a bucket (`gs://...`) the write probe is an object written, read back and deleted (it
+fails without write permission or with a bucket that does not exist); there is no free
+space to check, a bucket's capacity not being fixed.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import os
-import shutil
 
 import jax
 import numpy as np
+
+from focal_jax import storage
 
 # Besides one checkpoint and the export: metrics, event files, curves, config.
 MARGIN_BYTES = 16 << 20
@@ -37,9 +41,9 @@ def check_workdir(workdir: str, checkpoint_bytes: int = 0, keep: int = 1) -> Non
   if not all_processes_ok(problem is None):
     raise WorkdirError(problem or f"Another process cannot use the workdir {workdir} (see its "
                        "log); every process needs to write there (a shared filesystem).")
-  free = shutil.disk_usage(workdir).free
+  free = storage.free_bytes(workdir)
   peak = (keep + 1) * checkpoint_bytes + MARGIN_BYTES
-  if keep > 0 and free < peak:
+  if keep > 0 and free is not None and free < peak:
     logging.warning("The workdir %s has %s free; keeping %d checkpoints of %s needs about %s.",
                     workdir, _size(free), keep, _size(checkpoint_bytes), _size(peak))
 
@@ -47,28 +51,29 @@ def check_workdir(workdir: str, checkpoint_bytes: int = 0, keep: int = 1) -> Non
 def _workdir_problem(workdir: str, checkpoint_bytes: int) -> str | None:
   """What stops this process from using `workdir`, or None."""
   try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as error:
+    storage.makedirs(workdir)
+  except Exception as error:  # noqa: BLE001  OSError locally; a bucket's client raises its own
     return (f"Cannot create the workdir {workdir}: {error}. Expected a directory this process "
             "can create and write to; pass another --workdir or fix the permissions.")
-  probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
+  probe = storage.join(workdir, f".write_test.{jax.process_index()}")
   try:
-    with open(probe, "wb") as f:
-      f.write(b"\0" * 4096)
-      f.flush()
-      os.fsync(f.fileno())
-  except OSError as error:
-    full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+    storage.write_bytes(probe, b"\0" * 4096, sync=True)
+    if storage.read_bytes(probe) != b"\0" * 4096:
+      raise OSError(f"{probe} did not read back what was written")
+  except Exception as error:  # noqa: BLE001
+    full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
     return (f"Cannot write to the workdir {workdir}: {error}. " + (
         "The filesystem is full: free some space or pass another --workdir." if full else
         "Expected a directory this process can write to; pass another --workdir or fix "
         "the permissions."))
   finally:
-    if os.path.exists(probe):
-      os.remove(probe)
+    try:
+      storage.remove(probe)
+    except Exception:  # noqa: BLE001  nothing was written
+      pass
   needed = checkpoint_bytes + MARGIN_BYTES
-  free = shutil.disk_usage(workdir).free
-  if free < needed:
+  free = storage.free_bytes(workdir)
+  if free is not None and free < needed:
     return (f"The workdir {workdir} has {_size(free)} free, but one checkpoint of this run takes "
             f"{_size(checkpoint_bytes)} (about {_size(needed)} with logs): free some space or "
             "pass another --workdir.")

@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 import focal_jax
+from focal_jax import pretrained
 from focal_jax.training import sharding
 from focal_jax.training.config import model_overrides
 
@@ -141,10 +142,33 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
                       abstract, shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
+def pretrained_params(spec: ModelSpec, params_shardings: Any, source: str,
+                      exclude: tuple[str, ...] = ()) -> Any:
+  """The initial parameters of a fine-tuning run: `source`'s (an export, .pth or
+  .safetensors) where they fit, a fresh init for the head when its shape differs and for
+  names matching `exclude` (logged); each array placed in its sharding."""
+  abstract_model = nnx.eval_shape(spec.create)
+  target = pretrained.param_shapes(spec.abstract_params)
+  loaded, _ = pretrained.merge_checkpoint_params(
+      target, pretrained.read_checkpoint_params(source, abstract_model), source, exclude)
+  fresh = init_params(spec, params_shardings)
+
+  def place(path, leaf):
+    value = loaded.get(pretrained.param_name(path))
+    if value is None:
+      return leaf
+    value = value.astype(leaf.dtype)  # every process holds the whole array; each takes its shards
+    return jax.make_array_from_callback(leaf.shape, leaf.sharding, lambda index: value[index])
+
+  return jax.tree_util.tree_map_with_path(place, fresh)
+
+
 def create_train_state(spec: ModelSpec, tx: optax.GradientTransformation, shardings: TrainState,
-                       mesh: Mesh, seed: int) -> TrainState:
-  """A fresh state (step 0), every leaf in its sharding."""
-  params = init_params(spec, shardings.params)
+                       mesh: Mesh, seed: int, params: Any | None = None) -> TrainState:
+  """A fresh state (step 0), every leaf in its sharding; from `params` (sharded like
+  `shardings.params`) when given, else from a random init."""
+  if params is None:
+    params = init_params(spec, shardings.params)
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
   ema = None
   if shardings.ema_params is not None:
