@@ -430,9 +430,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   from focal_jax.models import make_config
 
   checks = [("--model", args.model, {})]  # the variant, then every size, before any worker
-  checks += [("--sizes", size, dict(img_size=size)) for size in args.sizes] if args.sweep else []
+  checks += [("--sizes", size, {"img_size": size}) for size in args.sizes] if args.sweep else []
   if not args.sweep or args.mode != "inference":
-    checks.append(("--img-size", args.img_size, dict(img_size=args.img_size)))
+    checks.append(("--img-size", args.img_size, {"img_size": args.img_size}))
   for flag, value, size in checks:
     try:
       make_config(args.model, num_classes=args.num_classes, **size, **model_overrides(args))

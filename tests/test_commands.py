@@ -12,6 +12,7 @@ import sys
 import sysconfig
 
 import numpy as np
+from PIL import Image
 
 from test_reliability import ROOT, _finish, _start
 from test_training import compilation_cache, digits_dir  # noqa: F401  (fixtures)
@@ -187,8 +188,6 @@ def test_make_figures_trains_the_demo_and_writes_every_figure(tmp_path, digits_d
   (`--steps`) and the figures written to a temporary directory (`--out`): each figure of
   docs/ is written as a 256-colour PNG of the committed figure's size, and the curve plots
   the run it trained."""
-  from PIL import Image  # noqa: PLC0415
-
   out, workdir = tmp_path / "docs", tmp_path / "run"
   printed = _python("scripts/make_figures.py", "--steps", "2", "--out", str(out), "--workdir",
                     str(workdir), "--data-dir", digits_dir).stdout
