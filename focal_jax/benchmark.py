@@ -2,6 +2,7 @@
 
     python -m focal_jax.benchmark --model focal_tiny --img-size 224 --batch 8 --mode both
     python -m focal_jax.benchmark --sweep --mode inference        # 224, 448, 896
+    python -m focal_jax.benchmark --sweep --sizes 32,64 --tiny --mode inference   # seconds
     python -m focal_jax.benchmark --tiny --img-size 64 --batch 2 --repeats 2   # seconds
 
 For each framework and mode the measurement runs in a fresh worker process (this module
@@ -384,6 +385,16 @@ def report(args: argparse.Namespace, results: list[Result], env: dict[str, str])
   return "\n".join(lines) + "\n"
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+  """'224,448,896' -> (224, 448, 896)."""
+  try:
+    sizes = tuple(int(part) for part in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not a comma-separated list of image sizes, e.g. 224,448,896") from None
+  return sizes
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog="python -m focal_jax.benchmark",
@@ -399,7 +410,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
   parser.add_argument("--mode", choices=("inference", "train", "both"), default="both")
   parser.add_argument("--sweep", action="store_true",
-                      help=f"inference at {', '.join(map(str, SWEEP_SIZES))} (ignores --img-size)")
+                      help="inference at each of --sizes (--img-size: only for --mode train/both)")
+  parser.add_argument("--sizes", type=_sizes, default=SWEEP_SIZES, metavar="S1,S2,...",
+                      help="image sizes of --sweep; per-image cost is reported relative to the "
+                           f"smallest (default {','.join(map(str, SWEEP_SIZES))})")
   parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
   parser.add_argument("--no-jax", action="store_true", help="skip focal_jax")
   parser.add_argument("--output", help="append the markdown report to this file")
@@ -411,6 +425,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   args = parser.parse_args(argv)
   if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
     parser.error("--batch and --repeats must be >= 1 and --warmup >= 0.")
+  if args.worker:  # checked by the parent; a worker imports only what it measures
+    return args
+  from focal_jax.models import make_config
+
+  checks = [("--model", args.model, {})]  # the variant, then every size, before any worker
+  checks += [("--sizes", size, {"img_size": size}) for size in args.sizes] if args.sweep else []
+  if not args.sweep or args.mode != "inference":
+    checks.append(("--img-size", args.img_size, {"img_size": args.img_size}))
+  for flag, value, size in checks:
+    try:
+      make_config(args.model, num_classes=args.num_classes, **size, **model_overrides(args))
+    except ValueError as error:
+      parser.error(f"{flag} {value}: {error}")
   return args
 
 
@@ -423,7 +450,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
 
   frameworks = [f for f, skip in (("jax", args.no_jax), ("torch", args.no_torch)) if not skip]
   if args.sweep:
-    settings = [("inference", size) for size in SWEEP_SIZES]
+    settings = [("inference", size) for size in args.sizes]
     if args.mode in ("train", "both"):
       settings.append(("train", args.img_size))
   else:

@@ -1,10 +1,16 @@
 """Smoke test of `python -m focal_jax.benchmark` at tiny sizes: it runs and reports numbers."""
 
 import math
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 
 from focal_jax import benchmark
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_benchmark_measures_both_frameworks_and_writes_a_report(tmp_path):
@@ -53,6 +59,60 @@ def test_growth_lines_compare_per_image_cost_with_the_smallest_size():
   assert lines == ["- jax cost per image relative to 224: 448: 4.00x, 896: 20.00x"]
 
 
-def test_bad_arguments_are_refused():
-  with pytest.raises(SystemExit):
-    benchmark.parse_args(["--batch", "0"])
+def test_bad_arguments_are_refused(capsys):
+  for argv, message in ((["--batch", "0"], "--batch and --repeats must be >= 1"),
+                        (["--sweep", "--sizes", "224,x"], "'224,x' is not a comma-separated list"),
+                        (["--sweep", "--sizes", "224,100"], ("--sizes 100: Image size 100x100 is "
+                         "not supported: height and width must be positive multiples of 32")),
+                        (["--img-size", "100"], "--img-size 100: Image size 100x100"),
+                        (["--model", "focal_huge"], "--model focal_huge: Unknown model variant")):
+    with pytest.raises(SystemExit):
+      benchmark.parse_args(argv)
+    assert message in capsys.readouterr().err, argv
+  args = benchmark.parse_args(["--sweep", "--mode", "inference", "--img-size", "100"])
+  assert args.sizes == (224, 448, 896)  # --img-size is not measured by an inference sweep
+  assert benchmark.parse_args(["--sweep", "--sizes", "32,64"]).sizes == (32, 64)
+
+
+def test_sweep_command_reports_every_size_and_the_growth(tmp_path):
+  """`python -m focal_jax.benchmark --sweep --mode inference` (the README's command) on the
+  tiny variant at two small sizes: a progress line per measurement, the table with the
+  JAX / PyTorch ratio at each size, and per-image cost relative to the smallest size."""
+  sizes = (32, 64)
+  args = ["--sweep", "--mode", "inference", "--sizes", ",".join(map(str, sizes)), "--tiny",
+          "--batch", "1", "--repeats", "1", "--warmup", "0", "--num-classes", "10",
+          "--output", str(tmp_path / "report.md")]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as a user runs it
+  result = subprocess.run([sys.executable, "-m", "focal_jax.benchmark", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  out = result.stdout
+  progress = re.findall(r"^(jax|torch) +inference +(\d+)px batch 1: ([\d.]+) img/s", out,
+                        re.MULTILINE)
+  assert [(f, int(s)) for f, s, _ in progress] == [(f, s) for s in sizes for f in ("jax", "torch")]
+  assert f"### `python -m focal_jax.benchmark {' '.join(args)}`" in out
+  assert "model focal_tiny (tiny overrides), warmup 0, repeats 1 (medians)" in out
+
+  rows = {}
+  for line in out.splitlines():
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    if len(cells) == 16 and cells[1] == "inference":
+      rows[cells[0], int(cells[2])] = cells
+  assert sorted(rows) == sorted((f, s) for f in ("jax", "torch") for s in sizes)
+  speed = {key: float(cells[5]) for key, cells in rows.items()}
+  assert all(v > 0 for v in speed.values()), speed
+  for size in sizes:
+    jax_row, torch_row = rows["jax", size], rows["torch", size]
+    assert jax_row[6].endswith("x") and float(jax_row[6][:-1]) == pytest.approx(
+        speed["jax", size] / speed["torch", size], rel=0.02)  # JAX/PyTorch, from rounded img/s
+    assert torch_row[6] == "-"
+    assert jax_row[7].startswith("compile ") and jax_row[12] == "0"  # no recompilation
+    assert float(jax_row[8]) > 0 and float(torch_row[8]) > 0  # peak RSS
+
+  growth = re.findall(r"^- (jax|torch) cost per image relative to (\d+): (\d+): ([\d.]+)x$", out,
+                      re.MULTILINE)
+  assert [(f, int(base), int(size)) for f, base, size, _ in growth] == [
+      ("jax", 32, 64), ("torch", 32, 64)]
+  for framework, _, _, figure in growth:
+    assert float(figure) == pytest.approx(speed[framework, 32] / speed[framework, 64], rel=0.02)
+  assert (tmp_path / "report.md").read_text().strip() in out

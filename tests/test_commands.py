@@ -12,6 +12,7 @@ import sys
 import sysconfig
 
 import numpy as np
+from PIL import Image
 
 from test_reliability import ROOT, _finish, _start
 from test_training import compilation_cache, digits_dir  # noqa: F401  (fixtures)
@@ -181,3 +182,32 @@ def test_notebook_install_cells_outside_a_clone(tmp_path):
   where = subprocess.run([python, "-c", "import focal_jax; print(focal_jax.__file__)"],
                          cwd=outside, env=env, capture_output=True, text=True, check=True)
   assert where.stdout.strip() == os.path.join(site, "focal_jax", "__init__.py")
+
+
+def test_make_figures_trains_the_demo_and_writes_every_figure(tmp_path, digits_dir):  # noqa: F811
+  """`python scripts/make_figures.py`, the demo's training shortened to 2 steps
+  (`--steps`) and the figures written to a temporary directory (`--out`): each figure of
+  docs/ is written as a 256-colour PNG of the committed figure's size, and the curve plots
+  the run it trained."""
+  out, workdir = tmp_path / "docs", tmp_path / "run"
+  printed = _python("scripts/make_figures.py", "--steps", "2", "--out", str(out), "--workdir",
+                    str(workdir), "--data-dir", digits_dir).stdout
+  assert f"training configs/demo.py for 2 steps in {workdir} ..." in printed
+  assert f"wrote {out}/attention.png and {out}/receptive_fields.png" in printed
+  assert printed.endswith(f"wrote {out}/training_curve.png\n"), printed[-1000:]
+  records = metrics.read_metrics(str(workdir))
+  assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
+  assert [r["step"] for r in records if "eval/top1" in r] == [1, 2]
+  for name in ("attention.png", "receptive_fields.png", "training_curve.png"):
+    path = out / name
+    with open(path, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+    with Image.open(path) as image:
+      image.verify()  # chunks and checksums intact
+    with Image.open(path) as image, Image.open(os.path.join(ROOT, "docs", name)) as committed:
+      assert (image.format, image.mode) == ("PNG", "P"), name
+      assert image.size == committed.size, name
+      pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
+    assert len(np.unique(pixels, axis=0)) > 100, name  # drawn, not blank
+    assert (pixels != 255).any(axis=1).mean() > 0.02, name
+    assert 5_000 < path.stat().st_size < 1_000_000, name
