@@ -1,0 +1,178 @@
+"""Focal-fast attention (the official `focal_transformer_v2.py`): nearest keys, MLP bias.
+
+Every query window attends to the union of two key groups (SPEC section 9):
+  0. the `focal_topK` pixels of the stage map nearest to the window's centre,
+  1. the `focal_topK` nearest pooled windows (their k and v from the same `qkv` Linear),
+with a position bias that an MLP per level (`coord2rpb_all`) computes from the (row,
+column) coordinates of query minus key, evaluated every forward pass, so any grid of
+whole windows works without rebuilding. The key sets are static per grid
+(`key_sets`); `key_layout` turns each level into a rectangle of keys cut with static
+slices (a zero-padded neighbourhood, or the whole axis) plus a constant mask of the
+official set, so neither the forward pass nor its gradient contains a gather. The
+products and the softmax are v1's (`attention.attend`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from focal_jax.models import key_layout
+from focal_jax.models.attention import attend, softmax_attention
+from focal_jax.models.layers import dense
+
+
+class CoordinateBias(nnx.Module):
+  """Linear(2, head_dim) -> ReLU -> Linear(head_dim, heads): the official `coord2rpb`."""
+
+  def __init__(self, head_dim: int, num_heads: int, *, rngs: nnx.Rngs):
+    # float32 always: the bias is added to float32 logits, also for bfloat16 models.
+    self.fc1 = dense(2, head_dim, None, None, dtype=jnp.float32, rngs=rngs)
+    self.fc2 = dense(head_dim, num_heads, None, "heads", dtype=jnp.float32, rngs=rngs)
+
+  def __call__(self, coords: jnp.ndarray) -> jnp.ndarray:
+    """[..., 2] float32 (row, column) -> [..., heads]."""
+    return self.fc2(jax.nn.relu(self.fc1(coords)))
+
+
+def _slice(x: jnp.ndarray, axis: int, start: int, stop: int, step: int = 1) -> jnp.ndarray:
+  index = [slice(None)] * x.ndim
+  index[axis] = slice(start, stop, step)
+  return x[tuple(index)]
+
+
+def cut_keys(x: jnp.ndarray, axis: int, layout: key_layout.AxisLayout) -> jnp.ndarray:
+  """Replaces the key axis `axis` of x by [windows, keys per window] (static slices only)."""
+  if layout.dense:
+    shape = (*x.shape[:axis], layout.windows, *x.shape[axis:])
+    return jnp.broadcast_to(jnp.expand_dims(x, axis), shape)
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = layout.pad
+  x = jnp.pad(x, pad)
+  first = layout.pad[0] + layout.lo  # key slot 0 of window 0, in padded positions
+  span = layout.step * (layout.windows - 1) + 1
+  slots = [_slice(x, axis, first + j, first + j + span, layout.step) for j in range(layout.size)]
+  return jnp.stack(slots, axis=axis + 1)  # [.., windows, size, ..]
+
+
+def expand_coordinates(table: jnp.ndarray, axis: int, coords: np.ndarray,
+                       first: int) -> jnp.ndarray:
+  """table[coords - first] along `axis`, by static slices: coords [R, K] int, each row an
+  arithmetic progression in K (query minus key). Returns the axis replaced by [R, K]."""
+  length = table.shape[axis]
+  flipped = jnp.flip(table, axis)  # progressions decrease in the key: read them flipped
+  rows = []
+  for row in coords:
+    step = int(row[0] - row[1]) if len(row) > 1 else 1
+    assert np.array_equal(row, row[0] - step * np.arange(len(row))), "not a progression"
+    start = length - 1 - int(row[0] - first)
+    rows.append(_slice(flipped, axis, start, start + step * (len(row) - 1) + 1, step))
+  return jnp.stack(rows, axis=axis)
+
+
+class FocalFastAttention(nnx.Module):
+  """Multi-head Focal-fast attention for square windows of side `window_size`.
+
+  Parameter names follow the official v2 `WindowAttention` (`qkv`, `proj`,
+  `coord2rpb_all.{l}`), so checkpoints map one to one.
+  """
+
+  def __init__(self, dim: int, num_heads: int, *, window_size: int, resolution: tuple[int, int],
+               focal_level: int, top_k: int, qkv_bias: bool, qk_scale: float | None,
+               attn_drop: float, proj_drop: float, dtype: Any, rngs: nnx.Rngs):
+    self.dim = dim
+    self.num_heads = num_heads
+    self.window_size = window_size
+    self.resolution = resolution
+    self.focal_level = focal_level
+    self.top_k = top_k
+    self.pooled_levels = focal_level - 1
+    head_dim = dim // num_heads
+    self.scale = qk_scale or head_dim ** -0.5
+    self.dtype = dtype
+    self.qkv = dense(dim, 3 * dim, "embed", "qkv", dtype=dtype, rngs=rngs, use_bias=qkv_bias)
+    self.proj = dense(dim, dim, "qkv_out", "embed", dtype=dtype, rngs=rngs)
+    self.attn_drop = nnx.Dropout(attn_drop, rngs=rngs)
+    self.proj_drop = nnx.Dropout(proj_drop, rngs=rngs)
+    self.coord2rpb_all = nnx.List(
+        [CoordinateBias(head_dim, num_heads, rngs=rngs) for _ in range(focal_level)])
+
+  def key_counts(self, grid: tuple[int, int] | None = None) -> list[int]:
+    """Keys per query from each level (the official `topks`) for a stage grid."""
+    rows, cols = grid or self.resolution
+    counts = [min(self.top_k, rows * cols)]
+    if self.focal_level > 1:
+      counts.append(min(self.top_k, (rows // self.window_size) * (cols // self.window_size)))
+    return counts
+
+  @property
+  def keys_per_query(self) -> int:
+    """Keys per query as the official code counts them (e.g. 192 in stage 1 of Focal-fast-T)."""
+    return sum(self.key_counts())
+
+  def layouts(self, grid: tuple[int, int]) -> tuple[key_layout.LevelLayout, ...]:
+    return key_layout.level_layouts(grid, self.window_size, self.top_k, self.focal_level)
+
+  def position_bias(self, level: int, layout: key_layout.LevelLayout) -> jnp.ndarray:
+    """The level's bias for every (window, query, key slot): [nWh or 1, nWw or 1, nH, ws*ws, keys]."""
+    ws, heads = self.window_size, self.num_heads
+    coords = [key_layout.query_minus_key(axis, ws, layout.stride, layout.centre)
+              for axis in (layout.rows, layout.cols)]  # [A, ws, size] per axis
+    lows = [int(c.min()) for c in coords]
+    values = [np.arange(low, int(c.max()) + 1, dtype=np.float32) for low, c in zip(lows, coords)]
+    grid = np.stack(np.meshgrid(*values, indexing="ij"), axis=-1)  # [Lr, Lc, 2]
+    table = self.coord2rpb_all[level](jnp.asarray(grid))  # [Lr, Lc, nH], one MLP call per value
+    table = expand_coordinates(table, 0, coords[0].reshape(-1, coords[0].shape[-1]), lows[0])
+    table = expand_coordinates(table, 2, coords[1].reshape(-1, coords[1].shape[-1]), lows[1])
+    (a_r, _, k_r), (a_c, _, k_c) = coords[0].shape, coords[1].shape
+    table = table.reshape(a_r, ws, k_r, a_c, ws, k_c, heads)
+    table = table.transpose(0, 3, 6, 1, 4, 2, 5)  # [A_r, A_c, nH, ws, ws, K_r, K_c]
+    return table.reshape(a_r, a_c, heads, ws * ws, k_r * k_c)
+
+  def __call__(self, x: jnp.ndarray, pooled: Sequence[jnp.ndarray],
+               shift_mask: np.ndarray | None = None) -> jnp.ndarray:
+    """Attends over windows of `x`.
+
+    Args:
+      x: [B, H, W, C] normalised (and, with use_shift, rolled) map of whole windows.
+      pooled: the pooled map [B, nWh, nWw, C] when focal_level is 2.
+      shift_mask: ignored: the official v2 builds the shift mask but never applies it.
+    Returns:
+      [B, H, W, C].
+    """
+    del shift_mask
+    batch, height, width, dim = x.shape
+    ws, heads = self.window_size, self.num_heads
+    head_dim = dim // heads
+    n_rows, n_cols = height // ws, width // ws
+    layouts = self.layouts((height, width))
+    qkv = self.qkv(x)  # [B, H, W, 3C]
+    q = qkv[..., :dim].reshape(batch, n_rows, ws, n_cols, ws, heads, head_dim)
+    q = q.transpose(0, 1, 3, 5, 2, 4, 6).reshape(batch, n_rows, n_cols, heads, ws * ws, head_dim)
+    q = q * jnp.asarray(self.scale, q.dtype)
+
+    maps = [qkv[..., dim:]] + [self.qkv(p)[..., dim:] for p in pooled]  # [B, h, w, 2C] each
+    keys, values, biases = [], [], []
+    for level, (kv, layout) in enumerate(zip(maps, layouts)):
+      kv = cut_keys(cut_keys(kv, 1, layout.rows), 3, layout.cols)  # [B, nWh, Kr, nWw, Kc, 2C]
+      kv = kv.transpose(0, 1, 3, 2, 4, 5).reshape(
+          batch, n_rows, n_cols, layout.size, 2, heads, head_dim)
+      kv = kv.transpose(4, 0, 1, 2, 5, 3, 6)  # [2, B, nWh, nWw, nH, keys, hd]
+      keys.append(kv[0])
+      values.append(kv[1])
+      bias = self.position_bias(level, layout)
+      biases.append(jnp.broadcast_to(bias, (n_rows, n_cols, *bias.shape[2:])))
+    k = jnp.concatenate(keys, axis=4)  # [B, nWh, nWw, nH, keys, hd]
+    v = jnp.concatenate(values, axis=4)
+    bias = jnp.concatenate(biases, axis=-1) + key_layout.additive_mask(layouts)
+    if self.attn_drop.rate == 0.0 or self.attn_drop.deterministic:
+      out = attend(q, k, v, bias)  # [B, nWh, nWw, nH, ws*ws, hd]
+    else:  # differentiated by JAX
+      out = softmax_attention(q, k, v, bias, self.attn_drop)[0]
+    out = out.reshape(batch, n_rows, n_cols, heads, ws, ws, head_dim)
+    out = out.transpose(0, 1, 4, 2, 5, 3, 6).reshape(batch, height, width, dim)
+    return self.proj_drop(self.proj(out))
