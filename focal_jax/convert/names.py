@@ -128,40 +128,17 @@ def _focal_attention(attn_key: str, attn_path: Path, attn, qkv_bias: bool) -> It
   yield from _linear(f"{attn_key}.proj", (*attn_path, "proj"))
 
 
-def focal_fast_coords(sets: np.ndarray, key_grid: tuple[int, int], num_windows: tuple[int, int],
-                      window: int, level: int) -> np.ndarray:
-  """The official `topk_cloest_coords_{level}` buffer: float32 [nW, ws*ws, K, 2], query
-  pixel minus key (level 0: the key pixel; level 1: the key window, in window units times
-  the window size) for every query of every window."""
-  n_wh, n_ww = num_windows
-  factor = key_grid[0] // n_wh if level == 0 else 1  # the official window centre rule
-  centre = np.stack(np.meshgrid(np.arange(n_wh), np.arange(n_ww), indexing="ij"), -1).reshape(-1, 2)
-  centre = centre * factor + (factor // 2 if level == 0 else 0)  # [nW, 2]
-  keys = np.stack([sets // key_grid[1], sets % key_grid[1]], axis=-1)  # [nW, K, 2]
-  relative = (centre[:, None, :] - keys) * (window if level > 0 else 1)
-  offsets = _window_coords(window).reshape(-1, 2)  # [ws*ws, 2]
-  return (relative[:, None] + offsets[None, :, None]).astype(np.float32)
-
-
-def _window_coords(window: int) -> np.ndarray:
-  """The official `window_coords` buffer: int64 [ws, ws, 2], offsets from the window centre."""
-  offsets = np.arange(window) - window // 2
-  return np.stack(np.meshgrid(offsets, offsets, indexing="ij"), axis=-1).astype(np.int64)
-
-
 def _focal_fast_attention(key: str, path: Path, attn, resolution: tuple[int, int],
                           qkv_bias: bool) -> Iterator[Entry]:
   ws = attn.window_size
   num_windows = (resolution[0] // ws, resolution[1] // ws)
-  yield Entry(f"{key}.window_coords", buffer=_window_coords(ws))
+  yield Entry(f"{key}.window_coords", buffer=key_sets.window_offsets(ws))
   for level in range(attn.focal_level):
-    if level == 0:
-      sets, grid = key_sets.pixel_key_sets(*resolution, ws, attn.top_k), resolution
-    else:
-      sets, grid = key_sets.window_key_sets(*num_windows, attn.top_k), num_windows
-    yield Entry(f"{key}.topk_cloest_indice_{level}", buffer=sets.astype(np.int64))
+    sets = (key_sets.pixel_key_sets(*resolution, ws, attn.top_k) if level == 0 else
+            key_sets.window_key_sets(*num_windows, attn.top_k))
+    yield Entry(f"{key}.topk_cloest_indice_{level}", buffer=sets)
     yield Entry(f"{key}.topk_cloest_coords_{level}",
-                buffer=focal_fast_coords(sets, grid, num_windows, ws, level))
+                buffer=key_sets.key_coords(level, *resolution, ws, attn.top_k))
   yield from _linear(f"{key}.qkv", (*path, "qkv"), bias=qkv_bias)
   yield from _linear(f"{key}.proj", (*path, "proj"))
   for level in range(attn.focal_level):

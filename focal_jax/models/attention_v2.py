@@ -61,17 +61,26 @@ def cut_keys(x: jnp.ndarray, axis: int, layout: key_layout.AxisLayout) -> jnp.nd
 
 def expand_coordinates(table: jnp.ndarray, axis: int, coords: np.ndarray,
                        first: int) -> jnp.ndarray:
-  """table[coords - first] along `axis`, by static slices: coords [R, K] int, each row an
-  arithmetic progression in K (query minus key). Returns the axis replaced by [R, K]."""
-  length = table.shape[axis]
-  flipped = jnp.flip(table, axis)  # progressions decrease in the key: read them flipped
-  rows = []
-  for row in coords:
-    step = int(row[0] - row[1]) if len(row) > 1 else 1
-    assert np.array_equal(row, row[0] - step * np.arange(len(row))), "not a progression"
-    start = length - 1 - int(row[0] - first)
-    rows.append(_slice(flipped, axis, start, start + step * (len(row) - 1) + 1, step))
-  return jnp.stack(rows, axis=axis)
+  """table[coords - first] along `axis` by static slices, for coords [A, ws, K] of the form
+  ws*a + i - s*j - c (query pixel minus key coordinate; no `a` term when A is 1).
+
+  Two rounds of slices, A + ws in all rather than one per query: a sub-table per window a,
+  then, flipped (the coordinate falls as the key index j grows), a strided slice per i.
+  Returns the table with `axis` replaced by [A, ws, K].
+  """
+  n_a, ws, n_k = coords.shape
+  step = int(coords[0, 0, 0] - coords[0, 0, 1]) if n_k > 1 else 1
+  a, i, j = np.meshgrid(np.arange(n_a), np.arange(ws), np.arange(n_k), indexing="ij")
+  offset = int(coords[0, 0, 0])
+  expected = (ws * a if n_a > 1 else 0) + i - step * j + offset
+  assert np.array_equal(coords, expected), "coordinates are not query minus key"
+  width = ws + step * (n_k - 1)  # coordinates one window's queries and keys span
+  starts = [ws * w + offset - step * (n_k - 1) - first for w in range(n_a)]
+  table = jnp.stack([_slice(table, axis, u, u + width) for u in starts], axis=axis)
+  flipped = jnp.flip(table, axis + 1)  # [.., A, width, ..]
+  span = step * (n_k - 1) + 1
+  rows = [_slice(flipped, axis + 1, ws - 1 - q, ws - 1 - q + span, step) for q in range(ws)]
+  return jnp.stack(rows, axis=axis + 1)  # [.., A, ws, K, ..]
 
 
 class FocalFastAttention(nnx.Module):
@@ -126,10 +135,9 @@ class FocalFastAttention(nnx.Module):
     values = [np.arange(low, int(c.max()) + 1, dtype=np.float32) for low, c in zip(lows, coords)]
     grid = np.stack(np.meshgrid(*values, indexing="ij"), axis=-1)  # [Lr, Lc, 2]
     table = self.coord2rpb_all[level](jnp.asarray(grid))  # [Lr, Lc, nH], one MLP call per value
-    table = expand_coordinates(table, 0, coords[0].reshape(-1, coords[0].shape[-1]), lows[0])
-    table = expand_coordinates(table, 2, coords[1].reshape(-1, coords[1].shape[-1]), lows[1])
+    table = expand_coordinates(table, 0, coords[0], lows[0])  # [A_r, ws, K_r, Lc, nH]
+    table = expand_coordinates(table, 3, coords[1], lows[1])  # [A_r, ws, K_r, A_c, ws, K_c, nH]
     (a_r, _, k_r), (a_c, _, k_c) = coords[0].shape, coords[1].shape
-    table = table.reshape(a_r, ws, k_r, a_c, ws, k_c, heads)
     table = table.transpose(0, 3, 6, 1, 4, 2, 5)  # [A_r, A_c, nH, ws, ws, K_r, K_c]
     return table.reshape(a_r, a_c, heads, ws * ws, k_r * k_c)
 
