@@ -99,37 +99,30 @@ def test_focal_fast_differs_from_v1_only_in_the_attention():
 def test_layouts_hold_exactly_the_official_key_sets(grid, window, top_k):
   """Each window's masked slots are its key set: nothing more, nothing outside the map."""
   n_wh, n_ww = grid[0] // window, grid[1] // window
-  layouts = key_layout.level_layouts(grid, window, top_k, 2)
   expected = [key_sets.pixel_key_sets(*grid, window, top_k),
               key_sets.window_key_sets(n_wh, n_ww, top_k)]
-  for layout, sets, key_grid in zip(layouts, expected, (grid, (n_wh, n_ww))):
-    rows, cols = layout.rows.key_positions(), layout.cols.key_positions()
-    for w in range(n_wh * n_ww):
-      a, b = divmod(w, n_ww)
-      slot_rows, slot_cols = np.divmod(np.flatnonzero(layout.member[a, b]), layout.cols.size)
-      r, c = rows[a][slot_rows], cols[b][slot_cols]
-      assert ((r >= 0) & (r < key_grid[0]) & (c >= 0) & (c < key_grid[1])).all()
-      assert sorted(r * key_grid[1] + c) == sorted(sets[w])
-  if top_k == 9:  # few keys: both levels are neighbourhoods (5x5 pooled windows)
-    assert not layouts[1].rows.dense and layouts[1].size == 25
-  elif grid == (56, 56):  # the measured layout: a 17x17 neighbourhood, a dense pooled level
-    assert (layouts[0].rows.size, layouts[0].rows.lo, layouts[0].rows.dense) == (17, -5, False)
-    assert layouts[1].rows.dense and layouts[1].size == 64
-
-
-def test_refused_options_and_sizes():
-  with pytest.raises(ValueError, match="focal_levels 1 or 2"):
-    make_config("focalv2_tiny", focal_levels=(3, 3, 3, 3))
-  with pytest.raises(ValueError, match="no pooled map.*crashes"):
-    make_config("focalv2_tiny", focal_pool="none")
-  with pytest.raises(ValueError, match="no pooled map"):
-    make_config("focalv2_tiny", focal_stages=(0, 1, 2))
-  make_config("focalv2_tiny", focal_pool="none", focal_levels=(1, 1, 1, 1))  # no pooled level: fine
-  with pytest.raises(ValueError, match="256x256 gives a 64x64 grid.*multiples of 224"):
-    make_config("focalv2_tiny", img_size=256)
-  model = nnx.eval_shape(lambda: focal_jax.create_model(None, **TINY))
-  with pytest.raises(ValueError, match="320x224 gives a 80x56 grid in stage 1"):
-    model(jnp.zeros((1, 320, 224, 3)))
+  for grouped in (False, True):
+    covered = np.zeros((n_wh, n_ww), int)
+    for block in key_layout.window_blocks(grid, window, top_k, 2, grouped):
+      covered[slice(*block.rows), slice(*block.cols)] += 1
+      for layout, sets, key_grid in zip(block.levels, expected, (grid, (n_wh, n_ww))):
+        rows, cols = layout.rows.key_positions(), layout.cols.key_positions()
+        for a in range(*block.rows):
+          for b in range(*block.cols):
+            member = layout.member[a - block.rows[0], b - block.cols[0]]
+            slot_rows, slot_cols = np.divmod(np.flatnonzero(member), layout.cols.size)
+            r, c = rows[a - block.rows[0]][slot_rows], cols[b - block.cols[0]][slot_cols]
+            assert ((r >= 0) & (r < key_grid[0]) & (c >= 0) & (c < key_grid[1])).all()
+            assert sorted(r * key_grid[1] + c) == sorted(sets[a * n_ww + b])
+    assert (covered == 1).all()  # every window in exactly one block
+  blocks = key_layout.window_blocks(grid, window, top_k, 2, True)
+  if top_k == 9:  # few keys: both levels are neighbourhoods (3x3 windows inside, 5x5 for all)
+    assert not blocks[4].levels[1].rows.dense and blocks[4].levels[1].size == 9
+    assert key_layout.window_blocks(grid, window, top_k, 2, False)[0].levels[1].size == 25
+  elif grid == (56, 56):  # interior 13x13, edges 11x15, corners 12x12; the pooled level dense
+    assert [b.levels[0].size for b in blocks] == [144, 165, 144, 165, 169, 165, 144, 165, 144]
+    assert key_layout.window_blocks(grid, window, top_k, 2, False)[0].levels[0].size == 17 * 17
+    assert all(b.levels[1].rows.dense and b.levels[1].size == 64 for b in blocks)
 
 
 # --- parity with the reference -----------------------------------------------------------
@@ -151,14 +144,14 @@ def test_focalv2_tiny_reduced_depth_parity_and_sensitivity(monkeypatch):
       (h // ws, w // ws), (h, w), ws, k))
   monkeypatch.setattr(key_sets, "window_key_sets", lambda h, w, k: lowest_index_first(
       (h, w), (h, w), 1, k))
-  key_layout.level_layouts.cache_clear()
+  key_layout._window_blocks.cache_clear()
   official = ref.layers[0].blocks[0].attn.topk_cloest_indice_0.numpy()
   wrong = key_sets.pixel_key_sets(56, 56, 7, 128)
   assert (np.sort(wrong, 1) != np.sort(official, 1)).any(axis=1).sum() > 32  # most windows
   jax.clear_caches()
   assert parity_error(ours, ref, config) > 5 * TOLERANCE
   monkeypatch.undo()
-  key_layout.level_layouts.cache_clear()
+  key_layout._window_blocks.cache_clear()
 
   # The pooled windows' coordinate taken at their corner instead of their centre.
   original = key_layout.query_minus_key
@@ -167,7 +160,7 @@ def test_focalv2_tiny_reduced_depth_parity_and_sensitivity(monkeypatch):
   jax.clear_caches()
   assert parity_error(ours, ref, config) > 5 * TOLERANCE > 5 * exact
   monkeypatch.undo()
-  key_layout.level_layouts.cache_clear()
+  key_layout._window_blocks.cache_clear()
 
 
 @pytest.mark.parametrize("size", [224, (224, 448), 448])

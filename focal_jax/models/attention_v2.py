@@ -53,7 +53,7 @@ def cut_keys(x: jnp.ndarray, axis: int, layout: key_layout.AxisLayout) -> jnp.nd
   pad = [(0, 0)] * x.ndim
   pad[axis] = layout.pad
   x = jnp.pad(x, pad)
-  first = layout.pad[0] + layout.lo  # key slot 0 of window 0, in padded positions
+  first = layout.pad[0] + layout.step * layout.first + layout.lo  # slot 0 of the first window
   span = layout.step * (layout.windows - 1) + 1
   slots = [_slice(x, axis, first + j, first + j + span, layout.step) for j in range(layout.size)]
   return jnp.stack(slots, axis=axis + 1)  # [.., windows, size, ..]
@@ -123,8 +123,8 @@ class FocalFastAttention(nnx.Module):
     """Keys per query as the official code counts them (e.g. 192 in stage 1 of Focal-fast-T)."""
     return sum(self.key_counts())
 
-  def layouts(self, grid: tuple[int, int]) -> tuple[key_layout.LevelLayout, ...]:
-    return key_layout.level_layouts(grid, self.window_size, self.top_k, self.focal_level)
+  def window_blocks(self, grid: tuple[int, int]) -> tuple[key_layout.WindowBlock, ...]:
+    return key_layout.window_blocks(grid, self.window_size, self.top_k, self.focal_level)
 
   def position_bias(self, level: int, layout: key_layout.LevelLayout) -> jnp.ndarray:
     """The level's bias for every (window, query, key slot): [nWh or 1, nWw or 1, nH, ws*ws, keys]."""
@@ -157,30 +157,40 @@ class FocalFastAttention(nnx.Module):
     ws, heads = self.window_size, self.num_heads
     head_dim = dim // heads
     n_rows, n_cols = height // ws, width // ws
-    layouts = self.layouts((height, width))
     qkv = self.qkv(x)  # [B, H, W, 3C]
     q = qkv[..., :dim].reshape(batch, n_rows, ws, n_cols, ws, heads, head_dim)
     q = q.transpose(0, 1, 3, 5, 2, 4, 6).reshape(batch, n_rows, n_cols, heads, ws * ws, head_dim)
     q = q * jnp.asarray(self.scale, q.dtype)
-
     maps = [qkv[..., dim:]] + [self.qkv(p)[..., dim:] for p in pooled]  # [B, h, w, 2C] each
+
+    rows_out: dict[tuple[int, int], list[jnp.ndarray]] = {}
+    for block in self.window_blocks((height, width)):
+      (r0, r1), (c0, c1) = block.rows, block.cols
+      out = self._attend_block(q[:, r0:r1, c0:c1], maps, block.levels)
+      rows_out.setdefault(block.rows, []).append(out)  # blocks come row-major
+    out = jnp.concatenate([jnp.concatenate(row, axis=2) for row in rows_out.values()], axis=1)
+    out = out.reshape(batch, n_rows, n_cols, heads, ws, ws, head_dim)
+    out = out.transpose(0, 1, 4, 2, 5, 3, 6).reshape(batch, height, width, dim)
+    return self.proj_drop(self.proj(out))
+
+  def _attend_block(self, q: jnp.ndarray, maps: Sequence[jnp.ndarray],
+                    layouts: tuple[key_layout.LevelLayout, ...]) -> jnp.ndarray:
+    """Attention of the query windows q [B, n_r, n_c, nH, ws*ws, hd] of one window block
+    over their keys of every level, cut from `maps` ([B, h, w, 2C] per level)."""
+    batch, n_rows, n_cols, heads, _, head_dim = q.shape
     keys, values, biases = [], [], []
     for level, (kv, layout) in enumerate(zip(maps, layouts)):
-      kv = cut_keys(cut_keys(kv, 1, layout.rows), 3, layout.cols)  # [B, nWh, Kr, nWw, Kc, 2C]
+      kv = cut_keys(cut_keys(kv, 1, layout.rows), 3, layout.cols)  # [B, n_r, Kr, n_c, Kc, 2C]
       kv = kv.transpose(0, 1, 3, 2, 4, 5).reshape(
           batch, n_rows, n_cols, layout.size, 2, heads, head_dim)
-      kv = kv.transpose(4, 0, 1, 2, 5, 3, 6)  # [2, B, nWh, nWw, nH, keys, hd]
+      kv = kv.transpose(4, 0, 1, 2, 5, 3, 6)  # [2, B, n_r, n_c, nH, keys, hd]
       keys.append(kv[0])
       values.append(kv[1])
       bias = self.position_bias(level, layout)
       biases.append(jnp.broadcast_to(bias, (n_rows, n_cols, *bias.shape[2:])))
-    k = jnp.concatenate(keys, axis=4)  # [B, nWh, nWw, nH, keys, hd]
+    k = jnp.concatenate(keys, axis=4)  # [B, n_r, n_c, nH, keys, hd]
     v = jnp.concatenate(values, axis=4)
     bias = jnp.concatenate(biases, axis=-1) + key_layout.additive_mask(layouts)
     if self.attn_drop.rate == 0.0 or self.attn_drop.deterministic:
-      out = attend(q, k, v, bias)  # [B, nWh, nWw, nH, ws*ws, hd]
-    else:  # differentiated by JAX
-      out = softmax_attention(q, k, v, bias, self.attn_drop)[0]
-    out = out.reshape(batch, n_rows, n_cols, heads, ws, ws, head_dim)
-    out = out.transpose(0, 1, 4, 2, 5, 3, 6).reshape(batch, height, width, dim)
-    return self.proj_drop(self.proj(out))
+      return attend(q, k, v, bias)  # [B, n_r, n_c, nH, ws*ws, hd]
+    return softmax_attention(q, k, v, bias, self.attn_drop)[0]  # differentiated by JAX

@@ -29,8 +29,9 @@ from focal_jax.models import key_sets
 
 @dataclasses.dataclass(frozen=True)
 class AxisLayout:
-  """Keys along one axis (rows or columns) for each of `windows` query windows."""
+  """Keys along one axis (rows or columns) for query windows first .. first+windows-1."""
 
+  first: int  # first query window along the axis
   windows: int  # query windows along the axis
   keys_in_map: int  # key positions along the axis (pixels, or pooled windows)
   step: int  # key positions per query window (the window size at level 0, else 1)
@@ -43,24 +44,26 @@ class AxisLayout:
     """Zero padding of the key map so that every window's range lies inside it."""
     if self.dense:
       return 0, 0
-    last = self.step * (self.windows - 1) + self.lo + self.size - 1
-    return max(0, -self.lo), max(0, last - (self.keys_in_map - 1))
+    start = self.step * self.first + self.lo
+    last = self.step * (self.first + self.windows - 1) + self.lo + self.size - 1
+    return max(0, -start), max(0, last - (self.keys_in_map - 1))
 
   def key_positions(self) -> np.ndarray:
     """Key position (possibly outside the map) of every (window, slot): int [windows, size]."""
     if self.dense:
       return np.broadcast_to(np.arange(self.size), (self.windows, self.size))
-    return self.step * np.arange(self.windows)[:, None] + self.lo + np.arange(self.size)
+    window = self.first + np.arange(self.windows)
+    return self.step * window[:, None] + self.lo + np.arange(self.size)
 
 
-def _axis_layout(windows: int, keys_in_map: int, step: int, positions: np.ndarray,
+def _axis_layout(first: int, windows: int, keys_in_map: int, step: int, positions: np.ndarray,
                  window_index: np.ndarray) -> AxisLayout:
   """The cheaper of dense and neighbourhood for key `positions` [nW, K] of windows `window_index`."""
   offsets = positions - step * window_index[:, None]
   lo, hi = int(offsets.min()), int(offsets.max())
   if keys_in_map <= hi - lo + 1:
-    return AxisLayout(windows, keys_in_map, step, True, 0, keys_in_map)
-  return AxisLayout(windows, keys_in_map, step, False, lo, hi - lo + 1)
+    return AxisLayout(first, windows, keys_in_map, step, True, 0, keys_in_map)
+  return AxisLayout(first, windows, keys_in_map, step, False, lo, hi - lo + 1)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -80,37 +83,77 @@ class LevelLayout:
 
 
 def _level_layout(sets: np.ndarray, grid: tuple[int, int], num_windows: tuple[int, int],
-                  step: int, stride: int, centre: int) -> LevelLayout:
-  n_wh, n_ww = num_windows
-  window = np.arange(n_wh * n_ww)
-  key_rows, key_cols = sets // grid[1], sets % grid[1]  # [nW, K] each
-  rows = _axis_layout(n_wh, grid[0], step, key_rows, window // n_ww)
-  cols = _axis_layout(n_ww, grid[1], step, key_cols, window % n_ww)
-  slot_rows = key_rows - rows.key_positions()[window // n_ww, :1]  # slot along the axis
-  slot_cols = key_cols - cols.key_positions()[window % n_ww, :1]
-  member = np.zeros((n_wh * n_ww, rows.size * cols.size), bool)
-  np.put_along_axis(member, slot_rows * cols.size + slot_cols, True, axis=1)
-  return LevelLayout(rows, cols, stride, centre, member.reshape(n_wh, n_ww, -1), sets.shape[1])
+                  rows: tuple[int, int], cols: tuple[int, int], step: int, stride: int,
+                  centre: int) -> LevelLayout:
+  """The layout of the window block rows[0]:rows[1] x cols[0]:cols[1] at one level."""
+  a, b = np.meshgrid(np.arange(*rows), np.arange(*cols), indexing="ij")
+  a, b = a.reshape(-1), b.reshape(-1)  # the block's windows, row-major
+  sets = sets[a * num_windows[1] + b]  # [n, K]
+  key_rows, key_cols = sets // grid[1], sets % grid[1]
+  row_axis = _axis_layout(rows[0], rows[1] - rows[0], grid[0], step, key_rows, a)
+  col_axis = _axis_layout(cols[0], cols[1] - cols[0], grid[1], step, key_cols, b)
+  slot_rows = key_rows - row_axis.key_positions()[a - rows[0], :1]  # slot along the axis
+  slot_cols = key_cols - col_axis.key_positions()[b - cols[0], :1]
+  member = np.zeros((len(a), row_axis.size * col_axis.size), bool)
+  np.put_along_axis(member, slot_rows * col_axis.size + slot_cols, True, axis=1)
+  return LevelLayout(row_axis, col_axis, stride, centre,
+                     member.reshape(row_axis.windows, col_axis.windows, -1), sets.shape[1])
+
+
+def _window_groups(n: int, grouped: bool) -> list[tuple[int, int]]:
+  """[start, stop) ranges of query windows along an axis: first, interior, last."""
+  if not grouped or n == 1:
+    return [(0, n)]
+  return [(0, 1), (1, n - 1), (n - 1, n)] if n >= 3 else [(0, 1), (1, 2)]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class WindowBlock:
+  """A rectangle of query windows that shares one key layout per level."""
+
+  rows: tuple[int, int]  # [start, stop) along the window rows
+  cols: tuple[int, int]
+  levels: tuple[LevelLayout, ...]
+
+
+# Windows at the borders of the map take their keys from a box shifted inward, so one box
+# for all windows (the window +-5 at 224) holds more keys than any of them needs. Cut
+# separately, the first, interior and last window rows and columns (9 blocks) need the
+# tight boxes: 13x13 inside the map, 11x15 along edges, 12x12 at corners, for 128 keys.
+GROUP_BORDER_WINDOWS = True
+
+
+def window_blocks(grid: tuple[int, int], window: int, top_k: int, focal_level: int,
+                  grouped: bool | None = None) -> tuple[WindowBlock, ...]:
+  """Key layouts of levels 0 .. focal_level-1 for a stage grid of whole `window`-sized
+  windows, per block of windows (`GROUP_BORDER_WINDOWS`), row-major over the blocks."""
+  grouped = GROUP_BORDER_WINDOWS if grouped is None else grouped
+  return _window_blocks(tuple(grid), window, top_k, focal_level, grouped)
 
 
 @functools.lru_cache(maxsize=None)
-def level_layouts(grid: tuple[int, int], window: int, top_k: int,
-                  focal_level: int) -> tuple[LevelLayout, ...]:
-  """Layouts of levels 0 .. focal_level-1 for a stage grid of whole `window`-sized windows."""
+def _window_blocks(grid: tuple[int, int], window: int, top_k: int, focal_level: int,
+                   grouped: bool) -> tuple[WindowBlock, ...]:
   num_windows = (grid[0] // window, grid[1] // window)
-  layouts = [_level_layout(key_sets.pixel_key_sets(*grid, window, top_k), grid, num_windows,
-                           step=window, stride=1, centre=0)]
-  if focal_level > 1:
-    layouts.append(_level_layout(key_sets.window_key_sets(*num_windows, top_k), num_windows,
-                                 num_windows, step=1, stride=window, centre=window // 2))
-  return tuple(layouts)
+  pixel_sets = key_sets.pixel_key_sets(*grid, window, top_k)
+  window_sets = key_sets.window_key_sets(*num_windows, top_k) if focal_level > 1 else None
+  blocks = []
+  for rows in _window_groups(num_windows[0], grouped):
+    for cols in _window_groups(num_windows[1], grouped):
+      levels = [_level_layout(pixel_sets, grid, num_windows, rows, cols, step=window, stride=1,
+                              centre=0)]
+      if window_sets is not None:
+        levels.append(_level_layout(window_sets, num_windows, num_windows, rows, cols, step=1,
+                                    stride=window, centre=window // 2))
+      blocks.append(WindowBlock(rows, cols, tuple(levels)))
+  return tuple(blocks)
 
 
 def query_minus_key(axis: AxisLayout, window: int, stride: int, centre: int) -> np.ndarray:
   """Bias coordinate along the axis, query pixel minus key coordinate:
   int [windows or 1, window, size] (1 when it does not depend on the window)."""
   keys = stride * axis.key_positions() + centre  # [windows, size] pixel coordinates
-  queries = window * np.arange(axis.windows)[:, None] + np.arange(window)  # [windows, window]
+  queries = window * (axis.first + np.arange(axis.windows))[:, None] + np.arange(window)
   coords = queries[:, :, None] - keys[:, None, :]
   return coords[:1] if not axis.dense else coords  # neighbourhoods: the same for every window
 
