@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 import focal_jax
+import focal_jax.summary
 from focal_jax.models import key_layout, key_sets, make_config
 
 torch = pytest.importorskip("torch", reason="parity tests need PyTorch (see requirements.txt)")
@@ -125,10 +126,33 @@ def test_layouts_hold_exactly_the_official_key_sets(grid, window, top_k):
     assert all(b.levels[1].rows.dense and b.levels[1].size == 64 for b in blocks)
 
 
+def test_summary_command(capsys):
+  focal_jax.summary.main(["--model", "focalv2_tiny"])
+  out = capsys.readouterr().out
+  assert "30,220,564" in out and "5.32 G" in out
+  rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+  assert [int(r[7]) for r in rows] == [192, 144, 132, 50]
+
+
+def test_refused_options_and_sizes():
+  with pytest.raises(ValueError, match="focal_levels 1 or 2"):
+    make_config("focalv2_tiny", focal_levels=(3, 3, 3, 3))
+  with pytest.raises(ValueError, match="no pooled map.*crashes"):
+    make_config("focalv2_tiny", focal_pool="none")
+  with pytest.raises(ValueError, match="no pooled map"):
+    make_config("focalv2_tiny", focal_stages=(0, 1, 2))
+  make_config("focalv2_tiny", focal_pool="none", focal_levels=(1, 1, 1, 1))  # no pooled level: fine
+  with pytest.raises(ValueError, match="256x256 gives a 64x64 grid.*multiples of 224"):
+    make_config("focalv2_tiny", img_size=256)
+  model = nnx.eval_shape(lambda: focal_jax.create_model(None, **TINY))
+  with pytest.raises(ValueError, match="320x224 gives a 80x56 grid in stage 1"):
+    model(jnp.zeros((1, 320, 224, 3)))
+
+
 # --- parity with the reference -----------------------------------------------------------
 
 def test_focalv2_tiny_reduced_depth_parity_and_sensitivity(monkeypatch):
-  ours, ref, config = build_pair("focalv2_tiny", seed=1, depths=(1, 1, 2, 1))
+  ours, ref, config = build_pair("focalv2_tiny", seed=1, depths=(1, 1, 1, 1))
   exact = parity_error(ours, ref, config)
   assert exact < TOLERANCE
 
@@ -163,7 +187,7 @@ def test_focalv2_tiny_reduced_depth_parity_and_sensitivity(monkeypatch):
   key_layout._window_blocks.cache_clear()
 
 
-@pytest.mark.parametrize("size", [224, (224, 448), 448])
+@pytest.mark.parametrize("size", [(224, 448), 448])
 def test_sizes(size):
   """448 on the tiny model: a sparse pooled level (128 of 256 windows) in stage 1."""
   ours, ref, config = build_pair(None, seed=2, img_size=size, **(TINY if size == 448 else SMALL))
@@ -173,9 +197,9 @@ def test_sizes(size):
 OPTIONS = {
     "pool_conv_shift": dict(focal_pool="conv", use_shift=True),
     "pool_mean_layerscale": dict(focal_pool="mean", use_layerscale=True, layerscale_value=0.1),
-    "pool_max_pre_norm": dict(focal_pool="max", use_pre_norm=True),
+    "pool_max_pre_norm_levels_2121_topk_200": dict(focal_pool="max", use_pre_norm=True,
+                                                   focal_levels=(2, 1, 2, 1), focal_topK=200),
     "no_conv_embed_topk_9": dict(use_conv_embed=False, focal_topK=9),
-    "levels_1_topk_200": dict(focal_levels=(1, 1, 1, 1), focal_topK=200),
 }
 
 
@@ -228,22 +252,24 @@ def test_checkpoint_with_other_key_sets_is_refused():
   assert "the same keys in another order" in message and "other keys in 64 of 64 windows" in message
 
 
-def test_gradients_bfloat16_remat_and_scan():
-  """Train mode, remat and a scanned run of 8 blocks give finite gradients on every
-  parameter; bfloat16 agrees with float32 to bfloat16 accuracy."""
-  config = dict(TINY, depths=(1, 1, 8, 1), remat=True)
+def test_remat_gradients_bfloat16_scan_and_features():
+  """Train mode with remat gives finite gradients on every parameter; bfloat16 agrees with
+  float32 to bfloat16 accuracy; 8 identical blocks run under the scan; stage maps."""
+  config = dict(TINY, drop_path_rate=0.0, remat=True)  # no sample dropped: every grad > 0
   model = focal_jax.create_model(None, **config)
-  assert model.layers[2].scanned_runs == ((0, 8),)
   x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 224, 224, 3)), jnp.float32)
-  grads = nnx.grad(lambda m: m(x).sum())(model)
-  leaves = jax.tree.leaves(grads)
-  assert all(bool(jnp.isfinite(g).all()) for g in leaves)
-  assert all(float(jnp.abs(g).max()) > 0 for g in leaves)
+  leaves = jax.tree.leaves(nnx.jit(nnx.grad(lambda m, x: m(x).sum()))(model, x))
+  assert all(bool(jnp.isfinite(g).all()) and float(jnp.abs(g).max()) > 0 for g in leaves)
   model.eval()
-  half = focal_jax.create_model(None, dtype=jnp.bfloat16, **TINY)
-  full = focal_jax.create_model(None, **TINY)
-  half.eval(), full.eval()
-  a, b = np.asarray(half(x)), np.asarray(full(x))
-  assert np.abs(a - b).max() < 0.05 * np.abs(b).max() + 0.05
-  features = full.forward_features(x)
+  half = focal_jax.create_model(None, dtype=jnp.bfloat16, **config)
+  nnx.update(half, nnx.state(model, nnx.Param))
+  half.eval()
+  forward = nnx.jit(lambda m, x: (m(x), m.forward_features(x)))
+  (a, _), (b, features) = forward(half, x), forward(model, x)
+  assert np.abs(np.asarray(a) - np.asarray(b)).max() < 0.05 * np.abs(np.asarray(b)).max()
   assert [f.shape[1:3] for f in features] == [(56, 56), (28, 28), (14, 14), (7, 7)]
+  scanned = nnx.eval_shape(lambda: focal_jax.create_model(None, **{**TINY, "depths": (1, 1, 8, 1)}))
+  assert scanned.layers[2].scanned_runs == ((0, 8),)
+  graphdef, state = nnx.split(scanned)
+  logits = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, x)
+  assert logits.shape == (1, 17)
