@@ -11,13 +11,16 @@ algorithms step by step, so the sets (and their order, which fixes the layout of
 official buffers) are the official ones. "Lowest index first" (`np.argsort(kind="stable")`,
 `jax.lax.top_k`) gives different sets.
 
-Grids: the official constructor builds square grids that are whole windows. Here any
-grid of whole windows works, also non-square; the window centre is (ws*a + ws//2,
-ws*b + ws//2) on both axes (the official formula, which takes its scale factor from the
-rows, gives the same on every grid of whole windows). Grids that are not whole windows are
-refused; a model that supports them pads first.
+Grids: any grid of whole windows, square or not (the official constructor builds
+non-square ones too when given a (height, width) img_size, e.g. 224x448; its sets equal
+these). The window centre is (ws*a + ws//2, ws*b + ws//2); the official formula takes its
+scale factor from the rows for both axes, which is the same on every grid of whole
+windows. Grids that are not whole windows are refused (the official code fails on them);
+a model that supports them pads first.
 
-Everything is NumPy and cached per geometry; the returned arrays are read-only.
+Everything is NumPy and cached per geometry; the returned arrays are read-only. Cost, once
+per geometry: about 0.1 s for all stages at 224, 1 s at 448 and 8 s at 896 (stage 1 there
+runs the heap selection over 50,176 pixels for each of 1,024 windows).
 """
 
 from __future__ import annotations
