@@ -19,8 +19,9 @@ windows. Grids that are not whole windows are refused (the official code fails o
 a model that supports them pads first.
 
 Everything is NumPy and cached per geometry; the returned arrays are read-only. Cost, once
-per geometry: about 0.1 s for all stages at 224, 1 s at 448 and 8 s at 896 (stage 1 there
-runs the heap selection over 50,176 pixels for each of 1,024 windows).
+per geometry, all four stages (measured on 2 shared cores under load): 0.15 s at 224,
+0.8 s at 448, 7 s at 896 (stage 1 there runs the heap selection over 50,176 pixels for
+each of 1,024 windows, about 4,400 heap replacements each).
 """
 
 from __future__ import annotations
