@@ -480,10 +480,13 @@ def receptive_fields(model: Any, img_size: Any = None) -> list[dict[str, Any]]:
   """Region each focal level covers around a window, per stage (first block of each).
 
   One dict per (stage, level): stage (1-based), level name, side in tokens and in input
-  pixels (before clipping at the border), and the number of keys it contributes.
+  pixels (before clipping at the border), and the number of keys it contributes. For
+  Focal-fast models, the box around each level's key set of the central window.
   """
   config = model.config
   size = to_pair(img_size) if img_size is not None else config.img_size
+  if getattr(config, "version", 1) == 2:
+    return _focal_fast_receptive_fields(config, size, len(model.layers))
   rows = []
   for stage, layer in enumerate(model.layers):
     blk = layer.blocks[0]
@@ -499,6 +502,24 @@ def receptive_fields(model: Any, img_size: Any = None) -> list[dict[str, Any]]:
     for name, side, count in levels:
       rows.append(dict(stage=stage + 1, level=name, tokens=side, pixels=side * stride,
                        keys=count, image=size))
+  return rows
+
+
+def _focal_fast_receptive_fields(config: Any, size: tuple[int, int], stages: int
+                                 ) -> list[dict[str, Any]]:
+  """`receptive_fields` of Focal-fast: the side of the box around the key set of the
+  window nearest the image centre, per level."""
+  rows = []
+  for stage in range(stages):
+    stride = config.patch_size * 2**stage
+    query = (size[0] // 2, size[1] // 2)
+    keys = focal_fast_keys(size, stage, 0, query, top_k=config.focal_topK,
+                           window_size=config.window_size, patch_size=config.patch_size)
+    for name, group in zip(("level 0 (pixels)", "level 1 (windows)"), keys.groups):
+      side = int(max(group.boxes[:, 2].max() - group.boxes[:, 0].min(),
+                     group.boxes[:, 3].max() - group.boxes[:, 1].min()))
+      rows.append(dict(stage=stage + 1, level=name, tokens=side, pixels=side * stride,
+                       keys=group.size, image=size))
   return rows
 
 

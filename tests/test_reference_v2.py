@@ -151,3 +151,18 @@ def test_accepts_the_v1_official_kwargs_and_round_trips_strictly():
 def test_official_failures_are_refused(options, message):
   with pytest.raises(ValueError, match=message):
     reference_v2.FocalTransformer(**{"img_size": 224, **SMALL, **options})
+
+
+def test_benchmark_builds_the_reference_of_the_family():
+  from types import SimpleNamespace  # noqa: PLC0415
+
+  from focal_jax import benchmark  # noqa: PLC0415
+  from focal_jax.convert import reference  # noqa: PLC0415
+
+  v1 = make_config(None, **{k: v for k, v in SMALL.items() if k != "focal_topK"})
+  model = benchmark.torch_reference(v1)
+  assert type(model) is reference.FocalTransformer
+  v2 = SimpleNamespace(version=2, official_kwargs=lambda: {**v1.official_kwargs(), "focal_topK": 50})
+  model = benchmark.torch_reference(v2)
+  assert type(model) is reference_v2.FocalTransformer
+  assert model.layers[0].blocks[0].attn.topk_cloest_indice_0.shape == (64, 50)

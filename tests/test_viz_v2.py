@@ -70,3 +70,17 @@ def test_plot_and_model_dispatch():
   via_model = viz.focal_keys(model, 0, 0, (200, 300))
   for a, b in zip(via_model.groups, keys.groups):
     np.testing.assert_array_equal(a.boxes, b.boxes)
+
+
+def test_receptive_fields_of_a_focal_fast_model():
+  config = types.SimpleNamespace(version=2, img_size=(224, 224), focal_topK=128, window_size=7,
+                                 patch_size=4, use_shift=False)
+  model = types.SimpleNamespace(config=config, layers=[types.SimpleNamespace(blocks=[None])] * 4)
+  rows = viz.receptive_fields(model)
+  assert [(r["stage"], r["keys"]) for r in rows] == [
+      (1, 128), (1, 64), (2, 128), (2, 16), (3, 128), (3, 4), (4, 49), (4, 1)]
+  level0 = rows[0]
+  assert level0["tokens"] == 13 and level0["pixels"] == 52  # the 128-pixel disc of stage 1
+  assert rows[1]["tokens"] == 56  # level 1 covers every window at 224
+  fig = viz.plot_receptive_fields(model)
+  assert "level 0 (pixels)" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]

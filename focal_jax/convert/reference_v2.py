@@ -27,9 +27,9 @@ Measured against the official model from the same state_dict (torch 2.14.1, CPU;
 moved well away from init, logits of magnitude 2-8): bit-identical logits (max abs
 difference 0.0) in float64 for focalv2_tiny at 224 and for small models with use_shift,
 layerscale, pre-norm, conv embedding off, ape without patch norm, qk_scale, fc / conv /
-mean / max pooling, focal_levels 1, focal_topK 37 / 64 / 128 / 200, at 224, 448 and 896,
-in eval and in train mode (drop path and dropouts, same seed); 0.0 in float32 and for
-all parameter gradients too. Same seed, same initial weights and buffers as the official
+mean / max pooling, focal_levels 1, focal_topK 37 / 64 / 128 / 200, at 224, 448, 896 and
+non-square 224x448, 448x224, 224x672, in eval and in train mode (drop path and dropouts,
+same seed); 0.0 in float32 and for all parameter gradients too. Same seed, same initial weights and buffers as the official
 constructor for the three released variants.
 """
 

@@ -11,18 +11,23 @@ algorithms step by step, so the sets (and their order, which fixes the layout of
 official buffers) are the official ones. "Lowest index first" (`np.argsort(kind="stable")`,
 `jax.lax.top_k`) gives different sets.
 
-Grids: the official constructor builds square grids that are whole windows. Here any
-grid of whole windows works, also non-square; the window centre is (ws*a + ws//2,
-ws*b + ws//2) on both axes (the official formula, which takes its scale factor from the
-rows, gives the same on every grid of whole windows). Grids that are not whole windows are
-refused; a model that supports them pads first.
+Grids: any grid of whole windows, square or not (the official constructor builds
+non-square ones too when given a (height, width) img_size, e.g. 224x448; its sets equal
+these). The window centre is (ws*a + ws//2, ws*b + ws//2); the official formula takes its
+scale factor from the rows for both axes, which is the same on every grid of whole
+windows. Grids that are not whole windows are refused (the official code fails on them);
+a model that supports them pads first.
 
-Everything is NumPy and cached per geometry; the returned arrays are read-only.
+Everything is NumPy and cached per geometry; the returned arrays are read-only. Cost, once
+per geometry, all four stages (measured on 2 shared cores under load): 0.15 s at 224,
+0.8 s at 448, 7 s at 896 (stage 1 there runs the heap selection over 50,176 pixels for
+each of 1,024 windows, about 4,400 heap replacements each).
 """
 
 from __future__ import annotations
 
 import functools
+import heapq
 import math
 
 import numpy as np
@@ -210,58 +215,50 @@ def _nth_element(a: list, v: list, first: int, nth: int, last: int) -> None:
   _insertion_sort(a, v, first, last)
 
 
-def _sift_in(hv: list, hi: list, length: int, value: float, index: int) -> None:
-  """`_adjust_heap(hole=0)` on a heap kept as parallel value / index lists: the top is
-  dropped and (value, index) sifted in, as std::__pop_heap(first, middle, i) does."""
-  hole = 0
-  child = 0
-  while child < (length - 1) // 2:
-    child = 2 * (child + 1)
-    if hv[child] > hv[child - 1]:
-      child -= 1
-    hv[hole] = hv[child]
-    hi[hole] = hi[child]
-    hole = child
-  if length % 2 == 0 and child == (length - 2) // 2:
-    child = 2 * (child + 1) - 1
-    hv[hole] = hv[child]
-    hi[hole] = hi[child]
-    hole = child
-  parent = (hole - 1) // 2
-  while hole > 0 and hv[parent] > value:
-    hv[hole] = hv[parent]
-    hi[hole] = hi[parent]
-    hole = parent
-    parent = (hole - 1) // 2
-  hv[hole] = value
-  hi[hole] = index
+class _Pair(float):
+  """A (value, index) pair that compares by value only (float's own comparisons, so
+  `heapq` runs them at C speed), as torch's comparator does."""
+
+  __slots__ = ("index",)
+
+
+def _pair(value: float, index: int) -> _Pair:
+  pair = _Pair(value)
+  pair.index = index
+  return pair
 
 
 def _partial_sort_scanned(scores: np.ndarray, k: int) -> list:
   """std::partial_sort(begin, begin+k, end) over (value, index) pairs in index order.
 
-  The same steps as `_heap_select` + `_sort_heap`. The scan for elements that beat the
-  heap's top runs block-wise in NumPy: the top only grows, so an element that does not
-  beat the top at the start of its block never enters.
+  heapq performs exactly libstdc++'s heap steps here (a min-heap under torch's "greater":
+  the hole goes down to a leaf through the smaller child, the right one on ties, then the
+  new element rises while strictly smaller than its parent), so `heapreplace` is
+  `__pop_heap(first, middle, i)` and `heappop` is one step of `sort_heap`. The initial
+  heap is built by `_make_heap`. The scan for elements that beat the top runs block-wise
+  in NumPy: the top only grows, so an element that does not beat the top at the start of
+  its block never enters.
   """
   n = scores.shape[0]
-  v = scores[:k].tolist()
-  heap = list(range(k))
-  _make_heap(heap, v, 0, k)
-  hv = [v[i] for i in heap]  # the heap as parallel (value, index) lists
+  values = scores[:k].tolist()
+  order = list(range(k))
+  _make_heap(order, values, 0, k)
+  heap = [_pair(values[i], i) for i in order]
+  replace, pair_of = heapq.heapreplace, _Pair
+  top = float(heap[0])
   for start in range(k, n, _SCAN_BLOCK):
     block = scores[start:start + _SCAN_BLOCK]
-    hits = np.flatnonzero(block > hv[0])
+    hits = (block > top).nonzero()[0]
     if hits.size == 0:
       continue
-    top = hv[0]
     for i, value in zip((hits + start).tolist(), block[hits].tolist()):
       if value > top:
-        _sift_in(hv, heap, k, value, i)
-        top = hv[0]
-  values = dict(zip(heap, hv))
-  _sort_heap(heap, values, 0, k)
-  return heap
+        pair = pair_of(value)
+        pair.index = i
+        replace(heap, pair)
+        top = float(heap[0])
+  popped = [heapq.heappop(heap).index for _ in range(k)]  # sort_heap fills from the back
+  return popped[::-1]
 
 
 def topk_indices(scores: np.ndarray, k: int) -> np.ndarray:
