@@ -46,17 +46,33 @@ def _slice(x: jnp.ndarray, axis: int, start: int, stop: int, step: int = 1) -> j
 
 
 def cut_keys(x: jnp.ndarray, axis: int, layout: key_layout.AxisLayout) -> jnp.ndarray:
-  """Replaces the key axis `axis` of x by [windows, keys per window] (static slices only)."""
+  """Replaces the key axis `axis` of x by [windows, keys per window] (static slices only).
+
+  A neighbourhood is cut from the map viewed as windows of `step` keys, [n, step]: one
+  contiguous slice of the window axis per window shift (two or three), so that the
+  backward pass, which pads each slice back to the map, stays a few passes over the map
+  rather than one per key position.
+  """
   if layout.dense:
     shape = (*x.shape[:axis], layout.windows, *x.shape[axis:])
     return jnp.broadcast_to(jnp.expand_dims(x, axis), shape)
+  step, lo = layout.step, layout.lo
+  hi = lo + layout.size - 1
+  n_total = -(-x.shape[axis] // step)
+  shifts = range(lo // step, hi // step + 1)  # window shifts the neighbourhood touches
+  before = max(0, -(layout.first + shifts[0]))
+  after = max(0, layout.first + layout.windows - 1 + shifts[-1] - (n_total - 1))
   pad = [(0, 0)] * x.ndim
-  pad[axis] = layout.pad
+  pad[axis] = (before * step, (after + n_total) * step - x.shape[axis])
   x = jnp.pad(x, pad)
-  first = layout.pad[0] + layout.step * layout.first + layout.lo  # slot 0 of the first window
-  span = layout.step * (layout.windows - 1) + 1
-  slots = [_slice(x, axis, first + j, first + j + span, layout.step) for j in range(layout.size)]
-  return jnp.stack(slots, axis=axis + 1)  # [.., windows, size, ..]
+  x = x.reshape(*x.shape[:axis], n_total + before + after, step, *x.shape[axis + 1:])
+  pieces = []
+  for shift in shifts:  # key positions step*(a + shift) + [start, stop)
+    start, stop = max(0, lo - step * shift), min(step, hi - step * shift + 1)
+    window = layout.first + shift + before
+    piece = _slice(x, axis, window, window + layout.windows)
+    pieces.append(_slice(piece, axis + 1, start, stop))
+  return jnp.concatenate(pieces, axis=axis + 1)  # [.., windows, size, ..]
 
 
 def expand_coordinates(table: jnp.ndarray, axis: int, coords: np.ndarray,
