@@ -14,8 +14,9 @@ JAX: inference is a jitted eval-mode forward; the training step is forward, back
 an optax AdamW update, jitted with the parameters and optimiser state donated. Compile
 time is `lower()` + `compile()` of that function; the compiled step is then called
 through the same jitted function, and any further backend compilation is counted (it
-must be zero). PyTorch: the reference model in eval mode under `torch.inference_mode`,
-and a training step with `torch.optim.AdamW`, on `torch.set_num_threads(cores)` threads.
+must be zero). PyTorch: the reference model (`convert.reference`, or `convert.reference_v2`
+for the focalv2_* models) in eval mode under `torch.inference_mode`, and a training step
+with `torch.optim.AdamW`, on `torch.set_num_threads(cores)` threads.
 """
 
 from __future__ import annotations
@@ -219,23 +220,31 @@ def run_jax(args: argparse.Namespace) -> Result:
 # ----------------------------------------------------------------------- PyTorch
 
 
-def reference_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-  """Official constructor arguments of the benchmarked variant."""
+def reference_config(args: argparse.Namespace) -> Any:
+  """The FocalConfig of the benchmarked variant (official constructor arguments)."""
   from focal_jax.models import make_config
 
   return make_config(args.model, num_classes=args.num_classes, img_size=args.img_size,
-                     **model_overrides(args)).official_kwargs()
+                     **model_overrides(args))
+
+
+def torch_reference(config: Any) -> Any:
+  """The PyTorch reference of `config`'s family: Focal-fast (`version` 2, focalv2_*) or the
+  Focal Transformer, built from the official constructor arguments."""
+  if getattr(config, "version", 1) == 2:
+    from focal_jax.convert import reference_v2 as family
+  else:
+    from focal_jax.convert import reference as family
+  return family.FocalTransformer(**config.official_kwargs())
 
 
 def run_torch(args: argparse.Namespace) -> Result:
   import torch
 
-  from focal_jax.convert import reference
-
   base_rss = _rss_mb()
   torch.set_num_threads(num_cores())
   torch.manual_seed(0)
-  model = reference.FocalTransformer(**reference_kwargs(args))
+  model = torch_reference(reference_config(args))
   images = torch.randn(args.batch, 3, args.img_size, args.img_size)
   labels = torch.randint(0, args.num_classes, (args.batch,))
   autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")

@@ -6,12 +6,18 @@
     plot_focal_attention(image, keys, probs.mean(axis=0))         # weighted by the real softmax
     plot_receptive_fields(model)                                   # region side per level, stage
     plot_training_curves(workdir)                                  # from <workdir>/metrics.jsonl
+    plot_focal_attention(image, focal_fast_keys(224, stage=0, query=(120, 80)))  # Focal-fast
 
 The geometry comes from the model's static index tables and the public attributes of a
 block, in the official key order: the query's window, the expanded ring from four cyclic
 rolls (border windows take ring tokens from the opposite border), then each pooled level's
 unfolded neighbourhood of sub-windows. `attention_probabilities` recomputes the softmax of
 one query from the block's own parameters; nothing here changes the model.
+
+Focal-fast (v2) keys come from `models.key_sets` alone (`focal_fast_keys`): the query's
+window takes the `top_k` stage pixels nearest to its centre (a disc, with the official
+tie order at its rim) and the `top_k` nearest pooled windows, whatever query of the
+window asks.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any, Iterable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from focal_jax.models import index_tables
+from focal_jax.models import index_tables, key_sets
 from focal_jax.models.config import to_pair
 
 LEVEL_COLORS = ("#e6194b", "#f58231", "#3cb4ff", "#4363d8", "#911eb4")
@@ -66,6 +72,7 @@ class FocalKeys:
   shift_size: int
   focal_window: int
   groups: tuple[KeyGroup, ...]
+  version: int = 1  # 2: Focal-fast key sets (geometry only; see `focal_fast_keys`)
 
   @property
   def num_keys(self) -> int:
@@ -114,6 +121,10 @@ def focal_keys(model: Any, stage: int, block: int = 0, query: Sequence[int] = (0
   config = model.config
   height, width = to_pair(img_size) if img_size is not None else config.img_size
   blk = _block(model, stage, block)
+  if getattr(config, "version", 1) == 2:
+    return focal_fast_keys((height, width), stage, block, query, top_k=config.focal_topK,
+                           window_size=config.window_size, patch_size=config.patch_size,
+                           use_shift=config.use_shift)
   stride = config.patch_size * 2**stage
   grid = config.stage_resolution(stage, (height, width))
   ws, expand, shift = blk.window_size, blk.expand_size, blk.shift_size
@@ -179,6 +190,47 @@ def focal_keys(model: Any, stage: int, block: int = 0, query: Sequence[int] = (0
   return FocalKeys(stage=stage, block=block, query=(row, col), stride=stride, grid=grid,
                    padded_grid=padded, window_size=ws, expand_size=expand, shift_size=shift,
                    focal_window=focal_window, groups=tuple(groups))
+
+
+def focal_fast_keys(img_size: Any, stage: int, block: int = 0, query: Sequence[int] = (0, 0), *,
+                    top_k: int = 128, window_size: int = 7, patch_size: int = 4,
+                    use_shift: bool = False) -> FocalKeys:
+  """The Focal-fast keys of the window holding `query` (an input pixel), from the static
+  key sets alone: level 0, the `top_k` nearest stage pixels; level 1, the `top_k` nearest
+  pooled windows (each drawn as the window it pools).
+
+  `stage`, `block` as in `focal_keys` (the block matters only with `use_shift`: odd blocks
+  roll the map by window_size // 2 and the sets, which ignore the roll, move with it, so
+  border windows reach across the opposite border). Defaults are the released models'.
+  """
+  height, width = to_pair(img_size)
+  stride = patch_size * 2**stage
+  grid = (height // stride, width // stride)
+  ws = window_size if min(grid) > window_size else min(grid)  # the official stage fallback
+  shift = ws // 2 if use_shift and block % 2 == 1 and min(grid) > window_size else 0
+  row, col = int(query[0]) // stride, int(query[1]) // stride
+  if not (0 <= row < grid[0] and 0 <= col < grid[1]):
+    raise ValueError(f"query pixel {tuple(query)} lies outside the {height}x{width} input.")
+  n_ww = grid[1] // ws
+  srow, scol = (row - shift) % grid[0], (col - shift) % grid[1]  # the block's rolled frame
+  window = (srow // ws) * n_ww + scol // ws
+
+  def boxes_of(rows: np.ndarray, cols: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+    boxes = np.stack([rows + shift, cols + shift, rows + shift + side, cols + shift + side], -1)
+    wrapped = (boxes[:, 2] > grid[0]) | (boxes[:, 3] > grid[1])  # cross the image border
+    return boxes, wrapped
+
+  pixels = key_sets.pixel_key_sets(grid[0], grid[1], ws, top_k)[window]  # [K0]
+  windows = key_sets.window_key_sets(grid[0] // ws, n_ww, top_k)[window]  # [K1]
+  groups = []
+  for name, rows, cols, side in (
+      (f"level 0: {len(pixels)} nearest pixels", pixels // grid[1], pixels % grid[1], 1),
+      (f"level 1: {len(windows)} nearest windows", windows // n_ww * ws, windows % n_ww * ws, ws)):
+    boxes, wrapped = boxes_of(rows, cols, side)
+    groups.append(KeyGroup(name, boxes, np.ones(len(boxes), bool), wrapped))
+  return FocalKeys(stage=stage, block=block, query=(row, col), stride=stride, grid=grid,
+                   padded_grid=grid, window_size=ws, expand_size=0, shift_size=shift,
+                   focal_window=0, groups=tuple(groups), version=2)
 
 
 def _wrapped_rects(box: np.ndarray, padded: tuple[int, int], grid: tuple[int, int]
@@ -248,6 +300,9 @@ def query_attention(model: Any, images: Any, keys: FocalKeys) -> dict[str, np.nd
   probabilities [nH, keys], values [keys, C] (the v of every key, heads side by side),
   logits [nH, keys] (bias and masks included) and block_input [C] at the query token.
   """
+  if keys.version != 1:
+    raise ValueError("query_attention covers the Focal Transformer (v1); Focal-fast keys from "
+                     "focal_fast_keys give the geometry only (plot_focal_attention(image, keys)).")
   images = jnp.asarray(images)
   if images.ndim == 3:
     images = images[None]
@@ -425,10 +480,13 @@ def receptive_fields(model: Any, img_size: Any = None) -> list[dict[str, Any]]:
   """Region each focal level covers around a window, per stage (first block of each).
 
   One dict per (stage, level): stage (1-based), level name, side in tokens and in input
-  pixels (before clipping at the border), and the number of keys it contributes.
+  pixels (before clipping at the border), and the number of keys it contributes. For
+  Focal-fast models, the box around each level's key set of the central window.
   """
   config = model.config
   size = to_pair(img_size) if img_size is not None else config.img_size
+  if getattr(config, "version", 1) == 2:
+    return _focal_fast_receptive_fields(config, size, len(model.layers))
   rows = []
   for stage, layer in enumerate(model.layers):
     blk = layer.blocks[0]
@@ -444,6 +502,24 @@ def receptive_fields(model: Any, img_size: Any = None) -> list[dict[str, Any]]:
     for name, side, count in levels:
       rows.append(dict(stage=stage + 1, level=name, tokens=side, pixels=side * stride,
                        keys=count, image=size))
+  return rows
+
+
+def _focal_fast_receptive_fields(config: Any, size: tuple[int, int], stages: int
+                                 ) -> list[dict[str, Any]]:
+  """`receptive_fields` of Focal-fast: the side of the box around the key set of the
+  window nearest the image centre, per level."""
+  rows = []
+  for stage in range(stages):
+    stride = config.patch_size * 2**stage
+    query = (size[0] // 2, size[1] // 2)
+    keys = focal_fast_keys(size, stage, 0, query, top_k=config.focal_topK,
+                           window_size=config.window_size, patch_size=config.patch_size)
+    for name, group in zip(("level 0 (pixels)", "level 1 (windows)"), keys.groups):
+      side = int(max(group.boxes[:, 2].max() - group.boxes[:, 0].min(),
+                     group.boxes[:, 3].max() - group.boxes[:, 1].min()))
+      rows.append(dict(stage=stage + 1, level=name, tokens=side, pixels=side * stride,
+                       keys=group.size, image=size))
   return rows
 
 

@@ -17,14 +17,18 @@ CASES = {
     "conv_pool_layerscale": dict(focal_pool="conv", use_layerscale=True, use_conv_embed=True,
                                  use_pre_norm=True, ape=True),
     "max_pool_odd": dict(focal_pool="max", expand_layer="odd"),
+    # Focal-fast: a neighbourhood and a dense level (224), a sparse pooled level (448).
+    "focal_fast_shift": dict(version=2, focal_topK=128, use_shift=True, use_conv_embed=True),
+    "focal_fast_448": dict(version=2, focal_topK=128, img_size=448),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_forward_and_gradient_are_gather_free(case):
-  model = focal_jax.create_model(None, num_classes=10, img_size=224, **{**SMALL, **CASES[case]})
+  options = {"img_size": 224, **SMALL, **CASES[case]}
+  model = focal_jax.create_model(None, num_classes=10, **options)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  x = jnp.asarray(images(1))
+  x = jnp.asarray(images(1, *model.config.img_size))
 
   def loss(params, rest, x):  # train mode: dropout and stochastic depth are traced too
     module = nnx.merge(graphdef, params, rest)

@@ -12,7 +12,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from focal_jax.models import index_tables
+from focal_jax.models import index_tables, key_sets
+from focal_jax.models.attention_v2 import FocalFastAttention
 from focal_jax.models.block import FocalTransformerBlock
 from focal_jax.models.focal_transformer import FocalTransformer
 
@@ -93,6 +94,16 @@ def _block(key: str, path: Path, block: FocalTransformerBlock, resolution: tuple
       yield from _conv(pool_key, pool_path)
   yield from _norm(f"{key}.norm1", (*path, "norm1"))
   attn, attn_key, attn_path = block.attn, f"{key}.attn", (*path, "attn")
+  if isinstance(attn, FocalFastAttention):
+    yield from _focal_fast_attention(attn_key, attn_path, attn, resolution, qkv_bias)
+  else:
+    yield from _focal_attention(attn_key, attn_path, attn, qkv_bias)
+  yield from _norm(f"{key}.norm2", (*path, "norm2"))
+  yield from _linear(f"{key}.mlp.fc1", (*path, "mlp", "fc1"))
+  yield from _linear(f"{key}.mlp.fc2", (*path, "mlp", "fc2"))
+
+
+def _focal_attention(attn_key: str, attn_path: Path, attn, qkv_bias: bool) -> Iterator[Entry]:
   ws = attn.window_size
   yield Entry(f"{attn_key}.relative_position_bias_table", (*attn_path, "relative_position_bias_table"))
   if attn.expand_size > 0:
@@ -115,9 +126,25 @@ def _block(key: str, path: Path, block: FocalTransformerBlock, resolution: tuple
                 (*attn_path, "relative_position_bias_table_to_windows", level))
   yield from _linear(f"{attn_key}.qkv", (*attn_path, "qkv"), bias=qkv_bias)
   yield from _linear(f"{attn_key}.proj", (*attn_path, "proj"))
-  yield from _norm(f"{key}.norm2", (*path, "norm2"))
-  yield from _linear(f"{key}.mlp.fc1", (*path, "mlp", "fc1"))
-  yield from _linear(f"{key}.mlp.fc2", (*path, "mlp", "fc2"))
+
+
+def _focal_fast_attention(key: str, path: Path, attn, resolution: tuple[int, int],
+                          qkv_bias: bool) -> Iterator[Entry]:
+  ws = attn.window_size
+  num_windows = (resolution[0] // ws, resolution[1] // ws)
+  yield Entry(f"{key}.window_coords", buffer=key_sets.window_offsets(ws))
+  for level in range(attn.focal_level):
+    sets = (key_sets.pixel_key_sets(*resolution, ws, attn.top_k) if level == 0 else
+            key_sets.window_key_sets(*num_windows, attn.top_k))
+    yield Entry(f"{key}.topk_cloest_indice_{level}", buffer=sets)
+    yield Entry(f"{key}.topk_cloest_coords_{level}",
+                buffer=key_sets.key_coords(level, *resolution, ws, attn.top_k))
+  yield from _linear(f"{key}.qkv", (*path, "qkv"), bias=qkv_bias)
+  yield from _linear(f"{key}.proj", (*path, "proj"))
+  for level in range(attn.focal_level):
+    mlp_key, mlp_path = f"{key}.coord2rpb_all.{level}", (*path, "coord2rpb_all", level)
+    yield from _linear(f"{mlp_key}.0", (*mlp_path, "fc1"))
+    yield from _linear(f"{mlp_key}.2", (*mlp_path, "fc2"))
 
 
 def official_entries(model: FocalTransformer) -> list[Entry]:

@@ -408,7 +408,7 @@ class FocalTransformerBlock(nn.Module):
                  drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
                  act_layer=nn.GELU, norm_layer=nn.LayerNorm, pool_method: str = "none",
                  focal_level: int = 1, focal_window: int = 1, use_layerscale: bool = False,
-                 layerscale_value: float = 1e-4):
+                 layerscale_value: float = 1e-4, **attention_options):
         super().__init__()
         if pool_method not in POOL_METHODS:
             raise ValueError(f"focal_pool must be one of {POOL_METHODS}, got {pool_method!r}.")
@@ -433,9 +433,6 @@ class FocalTransformerBlock(nn.Module):
             raise ValueError(f"shift_size must lie in [0, {self.window_size}), got {self.shift_size}.")
         self.window_size_glo = self.window_size
         num_pooled = max(focal_level - 1, 0) if pool_method != "none" else 0
-        if num_pooled > 0 and focal_window % 2 == 0:
-            raise ValueError(f"pooled focal levels need an odd focal_window, got {focal_window} "
-                             "(the official code fails on even ones).")
 
         self.pool_layers = nn.ModuleList()
         for k in range(num_pooled):
@@ -450,11 +447,9 @@ class FocalTransformerBlock(nn.Module):
                 self.pool_layers.append(nn.Conv2d(dim, dim, kernel_size=size, stride=size, groups=dim))
 
         self.norm1 = norm_layer(dim)
-        self.attn = WindowAttention(
-            dim, expand_size=self.expand_size, window_size=to_2tuple(self.window_size),
-            focal_window=focal_window, focal_level=focal_level, num_heads=num_heads,
-            qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=drop,
-            pool_method=pool_method)
+        self.attn = self.build_attention(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias,
+                                         qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=drop,
+                                         **attention_options)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
@@ -466,6 +461,18 @@ class FocalTransformerBlock(nn.Module):
         if use_layerscale:
             self.gamma_1 = nn.Parameter(layerscale_value * torch.ones(dim))
             self.gamma_2 = nn.Parameter(layerscale_value * torch.ones(dim))
+
+    def build_attention(self, dim: int, num_heads: int, qkv_bias: bool, qk_scale: float | None,
+                        attn_drop: float, proj_drop: float) -> nn.Module:
+        """The block's attention (called once the window fallback has been applied)."""
+        if self.pool_method != "none" and self.focal_level > 1 and self.focal_window % 2 == 0:
+            raise ValueError(f"pooled focal levels need an odd focal_window, got {self.focal_window} "
+                             "(the official code fails on even ones).")
+        return WindowAttention(
+            dim, expand_size=self.expand_size, window_size=to_2tuple(self.window_size),
+            focal_window=self.focal_window, focal_level=self.focal_level, num_heads=num_heads,
+            qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=proj_drop,
+            pool_method=self.pool_method)
 
     def pooled_window_size(self, level: int) -> int:
         """Side of the sub-windows pooled into one token at pooled level ``level``."""
@@ -598,6 +605,8 @@ class PatchEmbed(nn.Module):
 class BasicLayer(nn.Module):
     """One stage: ``depth`` focal blocks, then an optional downsampling PatchEmbed."""
 
+    block_class = FocalTransformerBlock
+
     def __init__(self, dim: int, input_resolution: tuple[int, int], depth: int, num_heads: int,
                  window_size: int, expand_size: int, expand_layer: str = "all",
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: float | None = None,
@@ -605,7 +614,7 @@ class BasicLayer(nn.Module):
                  norm_layer=nn.LayerNorm, pool_method: str = "none", focal_level: int = 1,
                  focal_window: int = 1, use_conv_embed: bool = False, use_shift: bool = False,
                  use_pre_norm: bool = False, downsample=None, use_checkpoint: bool = False,
-                 use_layerscale: bool = False, layerscale_value: float = 1e-4):
+                 use_layerscale: bool = False, layerscale_value: float = 1e-4, **block_options):
         super().__init__()
         if expand_layer not in EXPAND_LAYERS:
             raise ValueError(f"expand_layer must be one of {EXPAND_LAYERS}, got {expand_layer!r}.")
@@ -620,7 +629,7 @@ class BasicLayer(nn.Module):
             return 0 if skip else expand_size
 
         self.blocks = nn.ModuleList([
-            FocalTransformerBlock(
+            self.block_class(
                 dim=dim, input_resolution=input_resolution, num_heads=num_heads,
                 window_size=window_size,
                 shift_size=window_size // 2 if (use_shift and i % 2 == 1) else 0,
@@ -629,7 +638,7 @@ class BasicLayer(nn.Module):
                 drop_path=drop_path[i] if isinstance(drop_path, list) else drop_path,
                 norm_layer=norm_layer, pool_method=pool_method, focal_level=focal_level,
                 focal_window=focal_window, use_layerscale=use_layerscale,
-                layerscale_value=layerscale_value)
+                layerscale_value=layerscale_value, **block_options)
             for i in range(depth)])
 
         if downsample is not None:
@@ -679,6 +688,13 @@ class FocalTransformer(nn.Module):
     (``expand_sizes`` applies to every stage). Unknown keyword arguments are ignored.
     """
 
+    layer_class = BasicLayer
+
+    @staticmethod
+    def block_options(**kwargs) -> dict:
+        """Extra block arguments taken from the constructor's other keywords (none here)."""
+        return {}
+
     def __init__(self, img_size=224, patch_size=4, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
                  window_size: int = 7, mlp_ratio: float = 4.0, qkv_bias: bool = True,
@@ -712,11 +728,11 @@ class FocalTransformer(nn.Module):
         self.pos_drop = nn.Dropout(p=drop_rate)
 
         # Stochastic depth grows linearly over all blocks of all stages.
-        rates = [r.item() for r in torch.linspace(0, drop_path_rate, sum(depths))]
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.layers = nn.ModuleList()
         for i in range(self.num_layers):
             first = sum(depths[:i])
-            self.layers.append(BasicLayer(
+            self.layers.append(self.layer_class(
                 dim=int(embed_dim * 2**i),
                 input_resolution=(self.patches_resolution[0] // 2**i, self.patches_resolution[1] // 2**i),
                 depth=depths[i], num_heads=num_heads[i], window_size=window_size,
@@ -728,7 +744,7 @@ class FocalTransformer(nn.Module):
                 expand_size=expand_sizes[i], expand_layer=expand_layer,
                 use_conv_embed=use_conv_embed, use_shift=use_shift, use_pre_norm=use_pre_norm,
                 use_checkpoint=use_checkpoint, use_layerscale=use_layerscale,
-                layerscale_value=layerscale_value))
+                layerscale_value=layerscale_value, **self.block_options(**kwargs)))
 
         self.norm = norm_layer(self.num_features)
         self.avgpool = nn.AdaptiveAvgPool1d(1)

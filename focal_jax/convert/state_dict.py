@@ -107,9 +107,29 @@ def check_state_dict(state_dict: Mapping[str, Any], entries: list[Entry], varian
     if keys:
       shown = "\n    ".join(keys[:30]) + (f"\n    ... and {len(keys) - 30} more" if len(keys) > 30 else "")
       lines.append(f"  {len(keys)} {title}:\n    {shown}")
+  lines.extend(_key_set_report(state_dict, expected, wrong_buffer))
   lines.append("Pass the variant, img_size and options the checkpoint was trained with "
                "(e.g. use_conv_embed=True, focal_levels=[3, 3, 3, 3]).")
   raise StateDictMismatch("\n".join(lines))
+
+
+def _key_set_report(state_dict: Mapping[str, Any], expected: dict[str, Entry],
+                    wrong_buffer: list[str]) -> list[str]:
+  """Focal-fast key sets (`topk_cloest_indice_*`) that differ from the ones computed for
+  this geometry: which blocks, and how. They are refused, not re-indexed."""
+  lines = []
+  for key in wrong_buffer:
+    if ".topk_cloest_indice_" not in key:
+      continue
+    got, ours = _to_numpy(state_dict[key]), expected[key].buffer
+    differ = int((np.sort(got, axis=1) != np.sort(ours, axis=1)).any(axis=1).sum())
+    how = (f"other keys in {differ} of {len(ours)} windows" if differ else
+           "the same keys in another order")
+    lines.append(f"  {key.rsplit('.attn.', 1)[0]}: level-{key[-1]} key sets hold {how}.")
+  if lines:
+    lines.insert(0, "Focal-fast key sets differ from the official ones that focal_jax computes for "
+                 "this grid (torch's CPU top-k, tie order included); they are not re-indexed:")
+  return lines
 
 
 def _check_param_shapes(state_dict: Mapping[str, Any], entries: list[Entry], params: Any,

@@ -11,6 +11,7 @@ from flax import nnx
 
 from focal_jax.models import index_tables, windows
 from focal_jax.models.attention import FocalWindowAttention
+from focal_jax.models.attention_v2 import FocalFastAttention
 from focal_jax.models.layers import Mlp, axes, conv, dense, drop_path, layer_norm
 
 
@@ -31,13 +32,18 @@ class FocalTransformerBlock(nnx.Module):
 
   The window, ring and shift are fixed when the block is built (from the resolution it is
   built for); at call time any grid size works: the map is padded to whole windows.
+  `version` 2 swaps the attention for Focal-fast's (`attention_v2`); everything else is
+  shared. Focal-fast has no ring (`expand_size` 0) and takes whole windows only.
   """
 
   def __init__(self, dim: int, resolution: tuple[int, int], num_heads: int, *,
                window_size: int, expand_size: int, shift_size: int, mlp_ratio: float,
                qkv_bias: bool, qk_scale: float | None, drop: float, attn_drop: float,
                drop_path_rate: float, pool_method: str, focal_level: int, focal_window: int,
-               use_layerscale: bool, layerscale_value: float, dtype: Any, rngs: nnx.Rngs):
+               use_layerscale: bool, layerscale_value: float, dtype: Any, rngs: nnx.Rngs,
+               version: int = 1, focal_topK: int = 64):
+    if version == 2:
+      expand_size = 0  # Focal-fast has no ring: expand_sizes have no effect, as officially
     self.window_size, self.expand_size, self.shift_size = block_geometry(
         resolution, window_size, expand_size, shift_size)
     self.pool_method = pool_method
@@ -53,11 +59,17 @@ class FocalTransformerBlock(nnx.Module):
     self.pool_layers = nnx.List(pool_layers)
 
     self.norm1 = layer_norm(dim, dtype=dtype, rngs=rngs)
-    self.attn = FocalWindowAttention(
-        dim, num_heads, window_size=self.window_size, expand_size=self.expand_size,
-        focal_window=focal_window, focal_level=focal_level, pool_method=pool_method,
-        qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=drop,
-        dtype=dtype, rngs=rngs)
+    if version == 2:
+      self.attn = FocalFastAttention(
+          dim, num_heads, window_size=self.window_size, resolution=resolution,
+          focal_level=focal_level, top_k=focal_topK, qkv_bias=qkv_bias, qk_scale=qk_scale,
+          attn_drop=attn_drop, proj_drop=drop, dtype=dtype, rngs=rngs)
+    else:
+      self.attn = FocalWindowAttention(
+          dim, num_heads, window_size=self.window_size, expand_size=self.expand_size,
+          focal_window=focal_window, focal_level=focal_level, pool_method=pool_method,
+          qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=drop,
+          dtype=dtype, rngs=rngs)
     self.drop_path = drop_path(drop_path_rate, rngs)
     self.norm2 = layer_norm(dim, dtype=dtype, rngs=rngs)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), drop, dtype=dtype, rngs=rngs)
@@ -108,7 +120,7 @@ class FocalTransformerBlock(nnx.Module):
       y = jnp.roll(y, (-shift, -shift), axis=(1, 2))
     pooled = [self.pool(y, level) for level in range(self.pooled_levels)]
     mask = index_tables.shift_mask((padded_h, padded_w), ws, shift) if shift else None
-    y = self.attn(y, pooled, mask)
+    y = self.attn(y, pooled, mask)  # Focal-fast ignores the mask, as officially
     if shift:
       y = jnp.roll(y, (shift, shift), axis=(1, 2))
     y = y[:, :height, :width]

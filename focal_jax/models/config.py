@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Sequence
 
 import jax.numpy as jnp
@@ -11,8 +12,10 @@ FOCAL_POOLS = ("fc", "conv", "mean", "max", "none")
 EXPAND_LAYERS = ("all", "even", "odd")
 
 
-# Options this project adds to the official constructor's.
-PROJECT_OPTIONS = ("dtype", "remat", "scan_blocks")
+# Options this project adds to the official constructor's. `version` picks the official
+# file the model follows: 1 `focal_transformer.py`, 2 `focal_transformer_v2.py` (Focal-fast).
+PROJECT_OPTIONS = ("dtype", "remat", "scan_blocks", "version")
+VERSIONS = (1, 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,10 +23,12 @@ class FocalConfig:
   """Hyperparameters of a Focal Transformer, named as in the official constructor.
 
   `expand_stages` is accepted for compatibility and, as in the official code, has no
-  effect (every stage uses its `expand_sizes` entry). `dtype` (activation dtype), `remat`
-  (rematerialise each block in the backward pass) and `scan_blocks` (run runs of identical
-  blocks under `lax.scan`, which cuts compile time; same parameters and results) are this
-  project's additions.
+  effect (every stage uses its `expand_sizes` entry). `version=2` is Focal-fast (the
+  official `focal_transformer_v2.py`): `focal_topK` nearest pixels and pooled windows per
+  window, and, as officially, no effect of `expand_sizes`, `expand_layer`, `focal_windows`.
+  `dtype` (activation dtype), `remat` (rematerialise each block in the backward pass) and
+  `scan_blocks` (run runs of identical blocks under `lax.scan`, which cuts compile time; same
+  parameters and results) are this project's additions.
   """
 
   img_size: tuple[int, int] = (224, 224)
@@ -54,6 +59,8 @@ class FocalConfig:
   use_layerscale: bool = False
   layerscale_value: float = 1e-4
   use_pre_norm: bool = False
+  focal_topK: int = 64  # Focal-fast only (the official v2 constructor's default)
+  version: int = 1
   dtype: Any = jnp.float32
   remat: bool = False
   scan_blocks: bool = True
@@ -61,8 +68,8 @@ class FocalConfig:
   def official_kwargs(self) -> dict[str, Any]:
     """The official constructor's keyword arguments for this model (without this project's
     additions; sequences as lists, `img_size` as a pair)."""
-    kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-              if f.name not in PROJECT_OPTIONS}
+    skip = PROJECT_OPTIONS + (("focal_topK",) if self.version == 1 else ())
+    kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
     return {k: list(v) if isinstance(v, tuple) and k != "img_size" else v
             for k, v in kwargs.items()}
 
@@ -111,6 +118,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "focal_small_conv": {**_COMMON, **_SMALL, "use_conv_embed": True},
     "focal_base": {**_COMMON, **_BASE},
     "focal_base_conv": {**_COMMON, **_BASE, "use_conv_embed": True},
+    # Focal-fast (SPEC section 9): the released configs use conv embedding and topK 128.
+    "focalv2_tiny": {**_COMMON, **_TINY, "use_conv_embed": True, "version": 2, "focal_topK": 128},
+    "focalv2_small": {**_COMMON, **_SMALL, "use_conv_embed": True, "version": 2, "focal_topK": 128},
+    "focalv2_base": {**_COMMON, **_BASE, "use_conv_embed": True, "version": 2, "focal_topK": 128},
 }
 
 # Exact trainable parameter counts of the official models at 224 (SPEC section 1).
@@ -121,6 +132,9 @@ OFFICIAL_PARAM_COUNTS = {
     "focal_small_conv": 53_086_804,
     "focal_base": 89_815_400,
     "focal_base_conv": 93_268_712,
+    "focalv2_tiny": 30_220_564,
+    "focalv2_small": 51_526_540,
+    "focalv2_base": 91_186_824,
 }
 
 _TUPLE_FIELDS = ("depths", "num_heads", "focal_stages", "focal_levels", "focal_windows",
@@ -164,6 +178,8 @@ def make_config(name: str | None = None, **overrides: Any) -> FocalConfig:
 
 def validate(config: FocalConfig) -> None:
   """Raises ValueError naming the offending option and what it must be."""
+  if config.version not in VERSIONS:
+    raise ValueError(f"version={config.version!r}; expected 1 (Focal Transformer) or 2 (Focal-fast).")
   n = config.num_layers
   for field in ("num_heads", "focal_levels", "focal_windows", "expand_sizes"):
     if len(getattr(config, field)) != n:
@@ -177,7 +193,9 @@ def validate(config: FocalConfig) -> None:
     if config.focal_levels[stage] not in (1, 2, 3):
       raise ValueError(f"focal_levels[{stage}]={config.focal_levels[stage]}; expected 1, 2 or 3.")
     pooled = config.focal_levels[stage] > 1 and config.focal_pool != "none" and stage in config.focal_stages
-    if pooled and config.focal_windows[stage] % 2 == 0:
+    if config.version == 2:
+      _validate_focal_fast_stage(config, stage, pooled)
+    elif pooled and config.focal_windows[stage] % 2 == 0:
       raise ValueError(f"focal_windows[{stage}]={config.focal_windows[stage]} is even; pooled focal "
                        "levels need an odd focal window (the official code fails on even ones).")
   if config.focal_pool not in FOCAL_POOLS:
@@ -185,6 +203,44 @@ def validate(config: FocalConfig) -> None:
   if config.expand_layer not in EXPAND_LAYERS:
     raise ValueError(f"expand_layer={config.expand_layer!r}; expected one of {EXPAND_LAYERS}.")
   check_image_size(config, config.img_size)
+  if config.version == 2:
+    check_whole_windows(config, config.img_size,
+                        [min(config.window_size, *config.stage_resolution(i)) for i in range(n)])
+
+
+def _validate_focal_fast_stage(config: FocalConfig, stage: int, pooled: bool) -> None:
+  """Focal-fast options the official v2 code gets wrong or crashes on are refused."""
+  level = config.focal_levels[stage]
+  if level >= 3:
+    raise ValueError(
+        f"focal_levels[{stage}]={level}: Focal-fast (version 2) supports focal_levels 1 or 2. "
+        "The official focal_transformer_v2.py runs level 3 against the wrong pooled grid "
+        "(its key sets index the level-2 map as if it were the level-1 one).")
+  if level == 2 and not pooled:
+    raise ValueError(
+        f"Stage {stage} has focal_levels 2 but no pooled map (focal_pool={config.focal_pool!r}, "
+        f"focal_stages={list(config.focal_stages)}); the official focal_transformer_v2.py crashes "
+        "there. Use a pooling method (fc, conv, mean, max) or focal_levels 1 for that stage.")
+  if config.focal_topK < 1:
+    raise ValueError(f"focal_topK={config.focal_topK}; expected a positive number of keys.")
+
+
+def check_whole_windows(config: FocalConfig, size: Sequence[int], windows: Sequence[int]) -> None:
+  """Focal-fast needs every stage grid to be whole windows (`windows[i]` for stage i).
+
+  Its key sets are the nearest pixels to each window's centre; the official code has no
+  padding for partial windows and crashes on such inputs, so they are refused here.
+  """
+  unit = math.lcm(*(config.patch_size * 2**stage * w for stage, w in enumerate(windows)))
+  for stage, window in enumerate(windows):
+    rows, cols = config.stage_resolution(stage, size)
+    if rows % window or cols % window:
+      height, width = size
+      raise ValueError(
+          f"Image size {height}x{width} gives a {rows}x{cols} grid in stage {stage + 1}, which is "
+          f"not whole {window}x{window} windows: Focal-fast (version 2) needs height and width "
+          f"that are multiples of {unit} (e.g. {unit}, {2 * unit}, {unit}x{2 * unit}). Resize or pad the images, "
+          "or use a version-1 model, which pads partial windows.")
 
 
 def check_image_size(config: FocalConfig, size: Sequence[int]) -> None:

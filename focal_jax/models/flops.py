@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from focal_jax.models.attention_v2 import FocalFastAttention
 from focal_jax.models.block import FocalTransformerBlock
 from focal_jax.models.config import to_pair
 from focal_jax.models.focal_transformer import FocalTransformer
@@ -29,6 +30,20 @@ def _attention_macs(block: FocalTransformerBlock, dim: int) -> float:
   return macs
 
 
+def _focal_fast_attention_macs(block: FocalTransformerBlock, dim: int,
+                               resolution: tuple[int, int]) -> float:
+  """Official v2 WindowAttention.flops for one window: products over each level's topK
+  keys and the position-bias MLP (per query at level 0, once per window at level 1)."""
+  attn = block.attn
+  n, heads, head_dim = attn.window_size**2, attn.num_heads, dim // attn.num_heads
+  macs = n * dim * 3 * dim + n * dim * dim  # qkv and proj
+  for level, keys in enumerate(attn.key_counts(resolution)):
+    queries = n if level == 0 else n // attn.window_size**2
+    macs += 2 * heads * n * head_dim * keys  # q @ k and attn @ v
+    macs += queries * keys * (2 * head_dim + head_dim * heads)  # coord2rpb
+  return macs
+
+
 def block_macs(block: FocalTransformerBlock, dim: int, resolution: tuple[int, int],
                mlp_ratio: float) -> float:
   """Official FocalTransformerBlock.flops (its approximations kept, e.g. nW * 2**k)."""
@@ -36,7 +51,10 @@ def block_macs(block: FocalTransformerBlock, dim: int, resolution: tuple[int, in
   ws = block.window_size
   num_windows = height * width / ws / ws
   macs = 2 * dim * height * width  # norm1, norm2
-  macs += num_windows * _attention_macs(block, dim)
+  if isinstance(block.attn, FocalFastAttention):
+    macs += num_windows * _focal_fast_attention_macs(block, dim, resolution)
+  else:
+    macs += num_windows * _attention_macs(block, dim)
   for level in range(block.pooled_levels):
     side = block.pool_window(level)
     pooled_windows = num_windows * 2**level

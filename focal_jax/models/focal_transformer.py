@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from focal_jax.models.block import FocalTransformerBlock, stage_block_options
-from focal_jax.models.config import FocalConfig, check_image_size, make_config
+from focal_jax.models.config import (FocalConfig, check_image_size, check_whole_windows,
+                                     make_config)
 from focal_jax.models.layers import PatchEmbed, axes, dense, layer_norm, trunc_normal
 
 
@@ -85,7 +86,8 @@ class FocalStage(nnx.Module):
           attn_drop=config.attn_drop_rate, drop_path_rate=drop_path_rates[i],
           pool_method=pool_method, focal_level=config.focal_levels[stage],
           focal_window=config.focal_windows[stage], use_layerscale=config.use_layerscale,
-          layerscale_value=config.layerscale_value, dtype=config.dtype, rngs=rngs))
+          layerscale_value=config.layerscale_value, dtype=config.dtype, rngs=rngs,
+          version=config.version, focal_topK=config.focal_topK))
     self.blocks = nnx.List(blocks)
     self.remat = config.remat
     self.block_runs = identical_runs(blocks) if config.scan_blocks else tuple(
@@ -158,6 +160,9 @@ class FocalTransformer(nnx.Module):
           f"Expected images of shape [batch, height, width, {config.in_chans}] (NHWC), got "
           f"{tuple(images.shape)}. Convert NCHW arrays with x.transpose(0, 2, 3, 1).")
     check_image_size(config, images.shape[1:3])
+    if config.version == 2:
+      check_whole_windows(config, images.shape[1:3],
+                          [layer.blocks[0].window_size for layer in self.layers])
     if config.ape and tuple(images.shape[1:3]) != config.img_size:
       raise ValueError(
           f"This model uses an absolute position embedding (ape=True) built for "
