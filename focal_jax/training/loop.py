@@ -33,10 +33,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from focal_jax.training import checkpoint, evaluate, input, metrics, optim, preflight, sharding
+from focal_jax.training import checkpoint, evaluate, input, metrics, preflight, sharding
 from focal_jax.training import train_state as ts
 from focal_jax.training.config import validate_config
-from focal_jax.training.train_step import make_train_step
+from focal_jax.training.train_step import make_train_step, step_setup
 
 CHECKPOINT_DIR = "checkpoints"
 EXPORT_DIR = "export"
@@ -145,11 +145,11 @@ class _Run:
       self.total_steps = int(config.num_train_steps)
     else:
       self.total_steps = max(1, math.ceil(config.num_epochs * self.steps_per_epoch))
-    self.schedule = optim.schedule_fn(config, self.steps_per_epoch, self.total_steps)
-    self.tx = optim.make_optimizer(config, self.schedule)
-    self.abstract, self.shardings = ts.state_shardings(self.tx, self.spec, self.mesh, self.use_ema)
+    self.setup = step_setup(config, self.spec, self.mesh, self.steps_per_epoch, self.total_steps)
+    self.schedule, self.tx = self.setup.schedule, self.setup.tx
+    self.abstract, self.shardings = self.setup.abstract, self.setup.shardings
     self.rest = ts.init_rest(self.spec, self.mesh)
-    self.rest_shardings = jax.tree.map(lambda _: sharding.replicated(self.mesh), self.rest)
+    self.rest_shardings = self.setup.rest_shardings
     self.eval_batch_size = evaluate.eval_batch_size(config.eval_batch_size or config.batch_size,
                                                     self.mesh)
     self.eval_step = evaluate.make_eval_step(self.spec, self.mesh, self.shardings.params,
