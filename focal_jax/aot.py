@@ -21,18 +21,23 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import re
 import sys
 import time
 from typing import Any, Sequence
 
-import jax
-import ml_collections
+# Compiling opens no TPU chip, so several compiles (and a training run) may load libtpu at
+# once; without this libtpu refuses every process but the first (its lockfile).
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-from focal_jax.training import memory, sharding
-from focal_jax.training import train_state as ts
-from focal_jax.training.config import default_config, validate_config
-from focal_jax.training.train_step import step_setup
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+
+from focal_jax.training import memory, sharding  # noqa: E402
+from focal_jax.training import train_state as ts  # noqa: E402
+from focal_jax.training.config import default_config, validate_config  # noqa: E402
+from focal_jax.training.train_step import step_setup  # noqa: E402
 
 GIB = memory.GIB
 IMAGENET_TRAIN_EXAMPLES = 1_281_167  # sets the schedule's constants only
@@ -55,6 +60,8 @@ TPU_GENERATIONS = {
 # HLO opcodes counted in the report; collectives also in their asynchronous "-start" form.
 COUNTED_OPS = ("gather", "scatter", "copy", "transpose")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_OOM_TEMPORARIES = re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\)")
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _OPCODE = re.compile(r"=\s*(?:\([^=]*?\)|\S+)\s+([a-z][a-z0-9-]*)\(")
 
 
@@ -140,9 +147,33 @@ def hlo_op_counts(hlo_text: str) -> dict[str, int]:
   return counts
 
 
-def compile_step(config: ml_collections.ConfigDict, devices: list[Any], num_classes: int
-                 ) -> tuple[jax.stages.Compiled, float]:
-  """(compiled train step, seconds to lower and compile) on a mesh over `devices`."""
+def _bytes_per_chip(tree: Any) -> int:
+  """Bytes of one chip's shards of ShapeDtypeStructs that carry shardings."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.sharding.shard_shape(leaf.shape)
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      itemsize = 8  # a threefry key: two uint32
+    else:
+      itemsize = jax.numpy.dtype(leaf.dtype).itemsize
+    total += math.prod(shape) * itemsize
+  return total
+
+
+def _hbm_oom_temp_bytes(message: str) -> int | None:
+  """The temporaries' bytes a CompileTimeHbmOom error names, e.g. '... HLO temporaries
+  (27.02G) exceeds available HBM (15.75G)'."""
+  match = _OOM_TEMPORARIES.search(message)
+  if not match:
+    return None
+  return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def compile_step(config: ml_collections.ConfigDict, devices: list[Any], num_classes: int,
+                 hbm_bytes: int) -> dict[str, Any]:
+  """Compiles the train step on a mesh over `devices`; its memory per chip, FLOPs and op
+  counts. When XLA refuses because the step cannot fit in HBM (it does, for TPUs), the
+  report says so (`fits` false, `compile_error`), with the bytes the error names."""
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
   if config.batch_size % sharding.batch_divisor(mesh):
     raise AotError(f"The global batch {config.batch_size} does not divide over the "
@@ -152,9 +183,29 @@ def compile_step(config: ml_collections.ConfigDict, devices: list[Any], num_clas
   total = max(1, int(config.num_epochs * steps_per_epoch))
   setup = step_setup(config, spec, mesh, steps_per_epoch, total)
   step = setup.train_step(config, spec, mesh)
+  arguments = setup.abstract_arguments(config, spec, mesh)
+  params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract.params))
   start = time.perf_counter()
-  compiled = step.lower(*setup.abstract_arguments(config, spec, mesh)).compile()
-  return compiled, time.perf_counter() - start
+  try:
+    compiled = step.lower(*arguments).compile()
+  except jax.errors.JaxRuntimeError as error:
+    message = str(error)
+    if "RESOURCE_EXHAUSTED" not in message:
+      raise
+    # The state is donated: outputs reuse the argument buffers but for the metrics.
+    argument_bytes = _bytes_per_chip(arguments)
+    state_bytes = _bytes_per_chip(arguments[0])
+    temp = _hbm_oom_temp_bytes(message)
+    report = {"argument_bytes": argument_bytes, "output_bytes": state_bytes,
+              "alias_bytes": state_bytes, "temp_bytes": temp, "code_bytes": None,
+              "total_bytes": argument_bytes + temp if temp is not None else None,
+              "hbm_bytes": hbm_bytes, "fits": False, "flops_per_chip": None,
+              "bytes_accessed_per_chip": None,
+              **{op: None for op in (*COUNTED_OPS, "collective")},
+              "compile_error": message.splitlines()[0][:300]}
+  else:
+    report = analyse(compiled, hbm_bytes)
+  return {"params": params, "compile_s": round(time.perf_counter() - start, 1), **report}
 
 
 def analyse(compiled: jax.stages.Compiled, hbm_bytes: int) -> dict[str, Any]:
@@ -186,12 +237,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
   def measure(batch: int) -> dict[str, Any]:
     config = step_config(base, args, chips, batch)
-    compiled, seconds = compile_step(config, devices, args.num_classes)
     result = {"model": config.model.name or "custom", "topology": args.topology,
               "chips": chips, "batch_per_chip": batch, "global_batch": config.batch_size,
               "grad_accum_steps": config.grad_accum_steps, "dtype": config.dtype,
               "img_size": config.image_size, "remat": bool(args.remat), "fsdp": args.fsdp,
-              "compile_s": round(seconds, 1), **analyse(compiled, generation.hbm_bytes)}
+              **compile_step(config, devices, args.num_classes, generation.hbm_bytes)}
     logging.info("%s", _summary(result))
     return result
 
@@ -212,6 +262,10 @@ def max_batch(measure, first: dict[str, Any], capacity: int, quantum: int) -> in
   b2 = b1 // 2 if b1 >= 2 * quantum else b1 * 2
   b2 = max(quantum, b2 // quantum * quantum)
   second = measure(b2)
+  if first["total_bytes"] is None or second["total_bytes"] is None:
+    raise AotError("XLA did not say how much memory the step needs at batch "
+                   f"{b1 if first['total_bytes'] is None else b2}; try --max-batch from a "
+                   "batch that fits.")
   guess = memory.largest_batch(b1, first["total_bytes"], b2, second["total_bytes"], capacity,
                                quantum)
   for _ in range(3):
@@ -227,12 +281,21 @@ def max_batch(measure, first: dict[str, Any], capacity: int, quantum: int) -> in
   return guess
 
 
+def _gib(value: int | None) -> str:
+  return "?" if value is None else f"{value / GIB:.2f}"
+
+
 def _summary(r: dict[str, Any]) -> str:
-  return (f"{r['model']} on {r['topology']} ({r['chips']} chips), {r['batch_per_chip']} per chip, "
-          f"{r['dtype']}{', remat' if r['remat'] else ''}{', fsdp ' + str(r['fsdp']) if r['fsdp'] > 1 else ''}: "
-          f"{r['total_bytes'] / GIB:.2f} of {r['hbm_bytes'] / GIB:.0f} GiB per chip "
-          f"({'fits' if r['fits'] else 'does NOT fit'}; arguments {r['argument_bytes'] / GIB:.2f}, "
-          f"temporaries {r['temp_bytes'] / GIB:.2f} GiB), {r['flops_per_chip'] / 1e12:.2f} TFLOP "
+  head = (f"{r['model']} on {r['topology']} ({r['chips']} chips), {r['batch_per_chip']} per "
+          f"chip, {r['dtype']}{', remat' if r['remat'] else ''}"
+          f"{', fsdp ' + str(r['fsdp']) if r['fsdp'] > 1 else ''}: ")
+  if r.get("compile_error"):
+    return (head + f"does NOT fit: XLA needs {_gib(r['temp_bytes'])} GiB of temporaries and "
+            f"{_gib(r['argument_bytes'])} GiB of arguments per chip, the chip has "
+            f"{r['hbm_bytes'] / GIB:.0f} GiB ({r['compile_s']:.0f} s)")
+  return (head + f"{_gib(r['total_bytes'])} of {r['hbm_bytes'] / GIB:.0f} GiB per chip "
+          f"({'fits' if r['fits'] else 'does NOT fit'}; arguments {_gib(r['argument_bytes'])}, "
+          f"temporaries {_gib(r['temp_bytes'])} GiB), {r['flops_per_chip'] / 1e12:.2f} TFLOP "
           f"per chip, compiled in {r['compile_s']:.0f} s; HLO: {r['gather']} gather, "
           f"{r['scatter']} scatter, {r['copy']} copy, {r['transpose']} transpose, "
           f"{r['collective']} collective")
