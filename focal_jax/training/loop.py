@@ -153,7 +153,7 @@ class _Run:
     self.eval_batch_size = evaluate.eval_batch_size(config.eval_batch_size or config.batch_size,
                                                     self.mesh)
     self.eval_step = evaluate.make_eval_step(self.spec, self.mesh, self.shardings.params,
-                                             self.rest_shardings)
+                                             self.rest_shardings, config.matmul_precision)
     logging.info("Model %s: %d classes, %d parameters; mesh %s; %d steps (%d per epoch).",
                  self.spec.name or "custom", self.num_classes, self.num_params(),
                  dict(self.mesh.shape), self.total_steps, self.steps_per_epoch)

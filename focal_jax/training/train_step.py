@@ -24,7 +24,8 @@ from focal_jax.training.train_state import ModelSpec, TrainState
 
 def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """Per-example -sum(targets * log_softmax(logits)): [B, K], [B, K] -> [B] (timm's
-  SoftTargetCrossEntropy before the mean)."""
+  SoftTargetCrossEntropy before the mean), in float32 whatever the logits' dtype. Soft
+  (one-hot or mixed) targets: no gather, unlike integer labels."""
   return optax.losses.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
@@ -66,6 +67,7 @@ def make_train_step(config: ml_collections.ConfigDict, spec: ModelSpec,
   group = mixup_group_size(config)
   num_classes = spec.num_classes
   ema_decay = config.ema_decay
+  precision = config.matmul_precision
 
   def loss_fn(params, rest, images, targets, key):
     model = nnx.merge(spec.train_graphdef, params, rest)
@@ -81,6 +83,12 @@ def make_train_step(config: ml_collections.ConfigDict, spec: ModelSpec,
     return grad_fn(params, rest, images, targets, drop_key)
 
   def step(state: TrainState, batch: dict[str, jax.Array], rest: Any):
+    # Products take their precision when traced, so the whole step (forward, backward,
+    # update) is traced under the configured default.
+    with jax.default_matmul_precision(precision):
+      return precise_step(state, batch, rest)
+
+  def precise_step(state: TrainState, batch: dict[str, jax.Array], rest: Any):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     images, labels = batch["image"], batch["label"]
     if accum == 1:
