@@ -60,8 +60,6 @@ TPU_GENERATIONS = {
 # HLO opcodes counted in the report; collectives also in their asynchronous "-start" form.
 COUNTED_OPS = ("gather", "scatter", "copy", "transpose")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_OOM_TEMPORARIES = re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\)")
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _OPCODE = re.compile(r"=\s*(?:\([^=]*?\)|\S+)\s+([a-z][a-z0-9-]*)\(")
 
 
@@ -147,28 +145,6 @@ def hlo_op_counts(hlo_text: str) -> dict[str, int]:
   return counts
 
 
-def _bytes_per_chip(tree: Any) -> int:
-  """Bytes of one chip's shards of ShapeDtypeStructs that carry shardings."""
-  total = 0
-  for leaf in jax.tree.leaves(tree):
-    shape = leaf.sharding.shard_shape(leaf.shape)
-    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-      itemsize = 8  # a threefry key: two uint32
-    else:
-      itemsize = jax.numpy.dtype(leaf.dtype).itemsize
-    total += math.prod(shape) * itemsize
-  return total
-
-
-def _hbm_oom_temp_bytes(message: str) -> int | None:
-  """The temporaries' bytes a CompileTimeHbmOom error names, e.g. '... HLO temporaries
-  (27.02G) exceeds available HBM (15.75G)'."""
-  match = _OOM_TEMPORARIES.search(message)
-  if not match:
-    return None
-  return int(float(match.group(1)) * _UNITS[match.group(2)])
-
-
 def compile_step(config: ml_collections.ConfigDict, devices: list[Any], num_classes: int,
                  hbm_bytes: int) -> dict[str, Any]:
   """Compiles the train step on a mesh over `devices`; its memory per chip, FLOPs and op
@@ -186,23 +162,15 @@ def compile_step(config: ml_collections.ConfigDict, devices: list[Any], num_clas
   arguments = setup.abstract_arguments(config, spec, mesh)
   params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract.params))
   start = time.perf_counter()
-  try:
-    compiled = step.lower(*arguments).compile()
-  except jax.errors.JaxRuntimeError as error:
-    message = str(error)
-    if "RESOURCE_EXHAUSTED" not in message:
-      raise
+  compiled, need, refusal = memory.compile_measured(step.lower(*arguments), arguments)
+  if compiled is None:
     # The state is donated: outputs reuse the argument buffers but for the metrics.
-    argument_bytes = _bytes_per_chip(arguments)
-    state_bytes = _bytes_per_chip(arguments[0])
-    temp = _hbm_oom_temp_bytes(message)
-    report = {"argument_bytes": argument_bytes, "output_bytes": state_bytes,
-              "alias_bytes": state_bytes, "temp_bytes": temp, "code_bytes": None,
-              "total_bytes": argument_bytes + temp if temp is not None else None,
-              "hbm_bytes": hbm_bytes, "fits": False, "flops_per_chip": None,
-              "bytes_accessed_per_chip": None,
-              **{op: None for op in (*COUNTED_OPS, "collective")},
-              "compile_error": message.splitlines()[0][:300]}
+    state_bytes = memory.bytes_per_device(arguments[0])
+    report = {"argument_bytes": memory.bytes_per_device(arguments), "output_bytes": state_bytes,
+              "alias_bytes": state_bytes, "temp_bytes": memory.oom_temp_bytes(refusal),
+              "code_bytes": None, "total_bytes": need, "hbm_bytes": hbm_bytes, "fits": False,
+              "flops_per_chip": None, "bytes_accessed_per_chip": None,
+              **{op: None for op in (*COUNTED_OPS, "collective")}, "compile_error": refusal}
   else:
     report = analyse(compiled, hbm_bytes)
   return {"params": params, "compile_s": round(time.perf_counter() - start, 1), **report}

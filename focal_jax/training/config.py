@@ -95,6 +95,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
   c.mesh.fsdp = 1
+  # Before the first step the compiled train step's memory per device is logged against the
+  # device's capacity, and a step that cannot fit stops the run with the largest batch that
+  # would. 0: the device's own capacity, on accelerators only; > 0: this many bytes, on any
+  # backend (the CPU included).
+  c.device_memory_bytes = 0
 
   # Multi-host: jax.distributed.initialize() before anything else (auto-detected on TPU
   # pods and SLURM / Open MPI; give the coordinator explicitly elsewhere).

@@ -33,9 +33,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from focal_jax.training import checkpoint, evaluate, input, metrics, preflight, sharding
+from focal_jax.training import (checkpoint, evaluate, input, memory, metrics, preflight,
+                                sharding)
 from focal_jax.training import train_state as ts
-from focal_jax.training.config import validate_config
+from focal_jax.training.config import mixup_group_size, validate_config
 from focal_jax.training.train_step import make_train_step, step_setup
 
 CHECKPOINT_DIR = "checkpoints"
@@ -466,6 +467,8 @@ def _steps(run: _Run, ckpt: checkpoint.Checkpointer, writer: metrics.MetricWrite
       local = next(batches)
       data.consume(local)
       batch = sharding.global_batch({"image": local["image"], "label": local["label"]}, run.mesh)
+      if step == start:
+        train_step = _fitting_step(run, train_step, state, batch)
       state, step_metrics = train_step(state, batch, run.rest)
       step += 1
       interval_steps += 1
@@ -512,6 +515,36 @@ def _steps(run: _Run, ckpt: checkpoint.Checkpointer, writer: metrics.MetricWrite
                         "continue.", step, run.total_steps)
         break
   return step, state, last_eval
+
+
+def _fitting_step(run: _Run, train_step: Any, state: ts.TrainState, batch: dict[str, jax.Array]
+                  ) -> Any:
+  """The train step compiled for the first batch, after checking that it fits in device
+  memory (config.device_memory_bytes, or the device's capacity on an accelerator); raises
+  memory.StepTooLarge, naming the largest batch that fits, when it does not. Unchecked (the
+  jitted step as is) on the CPU unless a capacity is configured."""
+  config = run.config
+  capacity = config.device_memory_bytes or None
+  if capacity is None:
+    if jax.default_backend() == "cpu":
+      return train_step
+    capacity = memory.device_capacity(run.mesh.devices.flat[0])
+    if capacity is None:
+      logging.info("The devices do not report their memory; the train step is not checked.")
+      return train_step
+
+  def step_at_batch(batch_size: int):
+    other = ml_collections.ConfigDict(config.to_dict())
+    other.batch_size = batch_size
+    step = make_train_step(other, run.spec, run.tx, run.schedule, run.mesh, run.shardings,
+                           run.rest_shardings)
+    return step, run.setup.abstract_arguments(other, run.spec, run.mesh)
+
+  # Smaller batches keep whole micro-batches of whole mixup groups on every device.
+  quantum = config.grad_accum_steps * math.lcm(sharding.batch_divisor(run.mesh),
+                                               mixup_group_size(config))
+  return memory.check_step_fits(train_step, (state, batch, run.rest), capacity,
+                                config.batch_size, step_at_batch, quantum)
 
 
 def _eval_mode(run: _Run) -> RunResult:
