@@ -30,6 +30,7 @@ from typing import Any, Sequence
 # Compiling opens no TPU chip, so several compiles (and a training run) may load libtpu at
 # once; without this libtpu refuses every process but the first (its lockfile).
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF comes in with the input pipeline
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
