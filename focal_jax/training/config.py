@@ -17,6 +17,8 @@ import focal_jax
 
 MODES = ("train", "eval")
 DTYPES = ("float32", "bfloat16", "float16")
+MATMUL_PRECISIONS = ("default", "high", "highest")
+MU_DTYPES = ("", "float32", "bfloat16")
 CPU_COLLECTIVES = ("gloo", "mpi", "")
 
 
@@ -39,6 +41,11 @@ def default_config() -> ml_collections.ConfigDict:
   # Official constructor arguments (SPEC section 1) on top of the variant's values.
   c.model.overrides = ml_collections.ConfigDict({"drop_path_rate": 0.2})
   c.dtype = "float32"  # activation / compute dtype; parameters and optimiser stay float32
+  # jax.default_matmul_precision of the train and eval steps for float32 operands:
+  # "default" is each backend's fastest (TPU: one bfloat16 pass; GPU: TensorFloat-32 where
+  # the GPU has it; CPU: float32), "high" three bfloat16 passes (TPU), "highest" full
+  # float32 everywhere. bfloat16 operands (dtype="bfloat16") are not affected.
+  c.matmul_precision = "default"
 
   c.dataset = "imagenet2012"  # any TFDS image classification dataset; "focal_digits" is built in
   c.data_dir = ""  # TFDS data dir ("" = TFDS default, ~/tensorflow_datasets)
@@ -87,6 +94,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.adam_b1 = 0.9
   c.adam_b2 = 0.999
   c.adam_eps = 1e-8
+  c.adam_mu_dtype = ""  # Adam's first moment: "" = the parameters' (float32), or "bfloat16"
   c.grad_clip_norm = 5.0  # global norm; <= 0 disables clipping
   c.ema_decay = 0.0  # > 0 keeps an exponential moving average of the parameters (also evaluated)
 
@@ -95,6 +103,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
   c.mesh.fsdp = 1
+  # Before the first step the compiled train step's memory per device is logged against the
+  # device's capacity, and a step that cannot fit stops the run with the largest batch that
+  # would. 0: the device's own capacity, on accelerators only; > 0: this many bytes, on any
+  # backend (the CPU included).
+  c.device_memory_bytes = 0
 
   # Multi-host: jax.distributed.initialize() before anything else (auto-detected on TPU
   # pods and SLURM / Open MPI; give the coordinator explicitly elsewhere).
@@ -151,6 +164,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      f"expected one of {CPU_COLLECTIVES}.")
   if config.dtype not in DTYPES:
     raise ValueError(f"dtype={config.dtype!r}; expected one of {DTYPES}.")
+  if config.matmul_precision not in MATMUL_PRECISIONS:
+    raise ValueError(f"matmul_precision={config.matmul_precision!r}; expected one of "
+                     f"{MATMUL_PRECISIONS}.")
+  if config.adam_mu_dtype not in MU_DTYPES:
+    raise ValueError(f"adam_mu_dtype={config.adam_mu_dtype!r}; expected one of {MU_DTYPES}.")
   if config.batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {config.batch_size}.")
   if config.grad_accum_steps < 1 or config.batch_size % config.grad_accum_steps:

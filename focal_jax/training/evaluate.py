@@ -24,19 +24,21 @@ def eval_batch_size(requested: int, mesh: Mesh) -> int:
   return max(1, math.ceil(requested / divisor)) * divisor
 
 
-def make_eval_step(spec: ModelSpec, mesh: Mesh, params_shardings: Any, rest_shardings: Any
-                   ) -> Callable:
+def make_eval_step(spec: ModelSpec, mesh: Mesh, params_shardings: Any, rest_shardings: Any,
+                   precision: str = "default") -> Callable:
   """Jitted `eval_step(params, batch, rest) -> sums` over masked examples.
 
   batch: {"image": [B, H, W, 3], "label": int32 [B], "mask": bool [B]} (global arrays).
   Returns int32 counts {"top1", "top5", "examples"} and float32 {"loss"} summed over the
-  real (mask True) examples of the batch.
+  real (mask True) examples of the batch. Float32 products run at `precision`
+  (jax.default_matmul_precision: "default", "high" or "highest").
   """
   top = min(5, spec.num_classes)
 
   def eval_step(params, batch, rest):
     model = nnx.merge(spec.eval_graphdef, params, rest)
-    logits = model(batch["image"]).astype(jnp.float32)  # [B, K]
+    with jax.default_matmul_precision(precision):
+      logits = model(batch["image"]).astype(jnp.float32)  # [B, K]
     labels, mask = batch["label"], batch["mask"]
     top1 = jnp.argmax(logits, axis=-1) == labels
     _, top_k = jax.lax.top_k(logits, top)  # [B, top]

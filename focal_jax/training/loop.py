@@ -34,10 +34,11 @@ import numpy as np
 from flax import nnx
 
 from focal_jax import pretrained, storage, weights
-from focal_jax.training import checkpoint, evaluate, input, metrics, optim, preflight, sharding
+from focal_jax.training import (checkpoint, evaluate, input, memory, metrics, preflight,
+                                sharding)
 from focal_jax.training import train_state as ts
-from focal_jax.training.config import validate_config
-from focal_jax.training.train_step import make_train_step
+from focal_jax.training.config import mixup_group_size, validate_config
+from focal_jax.training.train_step import make_train_step, step_setup
 
 CHECKPOINT_DIR = weights.CHECKPOINT_DIR
 EXPORT_DIR = "export"
@@ -148,15 +149,15 @@ class _Run:
       self.total_steps = int(config.num_train_steps)
     else:
       self.total_steps = max(1, math.ceil(config.num_epochs * self.steps_per_epoch))
-    self.schedule = optim.schedule_fn(config, self.steps_per_epoch, self.total_steps)
-    self.tx = optim.make_optimizer(config, self.schedule)
-    self.abstract, self.shardings = ts.state_shardings(self.tx, self.spec, self.mesh, self.use_ema)
+    self.setup = step_setup(config, self.spec, self.mesh, self.steps_per_epoch, self.total_steps)
+    self.schedule, self.tx = self.setup.schedule, self.setup.tx
+    self.abstract, self.shardings = self.setup.abstract, self.setup.shardings
     self.rest = ts.init_rest(self.spec, self.mesh)
-    self.rest_shardings = jax.tree.map(lambda _: sharding.replicated(self.mesh), self.rest)
+    self.rest_shardings = self.setup.rest_shardings
     self.eval_batch_size = evaluate.eval_batch_size(config.eval_batch_size or config.batch_size,
                                                     self.mesh)
     self.eval_step = evaluate.make_eval_step(self.spec, self.mesh, self.shardings.params,
-                                             self.rest_shardings)
+                                             self.rest_shardings, config.matmul_precision)
     logging.info("Model %s: %d classes, %d parameters; mesh %s; %d steps (%d per epoch).",
                  self.spec.name or "custom", self.num_classes, self.num_params(),
                  dict(self.mesh.shape), self.total_steps, self.steps_per_epoch)
@@ -487,6 +488,8 @@ def _steps(run: _Run, ckpt: checkpoint.Checkpointer, writer: metrics.MetricWrite
       local = next(batches)
       data.consume(local)
       batch = sharding.global_batch({"image": local["image"], "label": local["label"]}, run.mesh)
+      if step == start:
+        train_step = _fitting_step(run, train_step, state, batch)
       state, step_metrics = train_step(state, batch, run.rest)
       step += 1
       interval_steps += 1
@@ -533,6 +536,36 @@ def _steps(run: _Run, ckpt: checkpoint.Checkpointer, writer: metrics.MetricWrite
                         "continue.", step, run.total_steps)
         break
   return step, state, last_eval
+
+
+def _fitting_step(run: _Run, train_step: Any, state: ts.TrainState, batch: dict[str, jax.Array]
+                  ) -> Any:
+  """The train step compiled for the first batch, after checking that it fits in device
+  memory (config.device_memory_bytes, or the device's capacity on an accelerator); raises
+  memory.StepTooLarge, naming the largest batch that fits, when it does not. Unchecked (the
+  jitted step as is) on the CPU unless a capacity is configured."""
+  config = run.config
+  capacity = config.device_memory_bytes or None
+  if capacity is None:
+    if jax.default_backend() == "cpu":
+      return train_step
+    capacity = memory.device_capacity(run.mesh.devices.flat[0])
+    if capacity is None:
+      logging.info("The devices do not report their memory; the train step is not checked.")
+      return train_step
+
+  def step_at_batch(batch_size: int):
+    other = ml_collections.ConfigDict(config.to_dict())
+    other.batch_size = batch_size
+    step = make_train_step(other, run.spec, run.tx, run.schedule, run.mesh, run.shardings,
+                           run.rest_shardings)
+    return step, run.setup.abstract_arguments(other, run.spec, run.mesh)
+
+  # Smaller batches keep whole micro-batches of whole mixup groups on every device.
+  quantum = config.grad_accum_steps * math.lcm(sharding.batch_divisor(run.mesh),
+                                               mixup_group_size(config))
+  return memory.check_step_fits(train_step, (state, batch, run.rest), capacity,
+                                config.batch_size, step_at_batch, quantum)
 
 
 def _eval_mode(run: _Run) -> RunResult:

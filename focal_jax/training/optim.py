@@ -89,11 +89,16 @@ def weight_decay_mask(params: Any) -> Any:
 
 def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule
                    ) -> optax.GradientTransformation:
-  """Global-norm clip, then AdamW with masked decoupled weight decay (torch.optim.AdamW's)."""
+  """Global-norm clip, then AdamW with masked decoupled weight decay (torch.optim.AdamW's).
+
+  The second moment always has the parameters' dtype (float32); `adam_mu_dtype` may store
+  the first moment in bfloat16 (half its memory; the update is computed in float32)."""
   parts = []
   if config.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
   parts.append(optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+                           mu_dtype=jnp.dtype(config.adam_mu_dtype) if config.adam_mu_dtype
+                           else None,
                            weight_decay=config.weight_decay, mask=weight_decay_mask))
   return optax.chain(*parts)
 

@@ -4,6 +4,7 @@ AdamW update and parameter EMA, compiled once with fixed shardings and a donated
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -14,7 +15,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from focal_jax.data.mixup import MixupConfig, mixup_cutmix, smooth_one_hot
-from focal_jax.training import sharding
+from focal_jax.training import optim, sharding
+from focal_jax.training import train_state as ts
 from focal_jax.training.config import mixup_group_size
 from focal_jax.training.optim import ema_update
 from focal_jax.training.train_state import ModelSpec, TrainState
@@ -22,7 +24,8 @@ from focal_jax.training.train_state import ModelSpec, TrainState
 
 def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """Per-example -sum(targets * log_softmax(logits)): [B, K], [B, K] -> [B] (timm's
-  SoftTargetCrossEntropy before the mean)."""
+  SoftTargetCrossEntropy before the mean), in float32 whatever the logits' dtype. Soft
+  (one-hot or mixed) targets: no gather, unlike integer labels."""
   return optax.losses.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
@@ -64,6 +67,7 @@ def make_train_step(config: ml_collections.ConfigDict, spec: ModelSpec,
   group = mixup_group_size(config)
   num_classes = spec.num_classes
   ema_decay = config.ema_decay
+  precision = config.matmul_precision
 
   def loss_fn(params, rest, images, targets, key):
     model = nnx.merge(spec.train_graphdef, params, rest)
@@ -79,6 +83,12 @@ def make_train_step(config: ml_collections.ConfigDict, spec: ModelSpec,
     return grad_fn(params, rest, images, targets, drop_key)
 
   def step(state: TrainState, batch: dict[str, jax.Array], rest: Any):
+    # Products take their precision when traced, so the whole step (forward, backward,
+    # update) is traced under the configured default.
+    with jax.default_matmul_precision(precision):
+      return precise_step(state, batch, rest)
+
+  def precise_step(state: TrainState, batch: dict[str, jax.Array], rest: Any):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     images, labels = batch["image"], batch["label"]
     if accum == 1:
@@ -116,3 +126,44 @@ def make_train_step(config: ml_collections.ConfigDict, spec: ModelSpec,
                     rest_shardings),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=(0,))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSetup:
+  """What the train step of a run is built from: schedule, optimiser, the train state's
+  shapes and shardings, and the shardings of the model's non-parameter state."""
+
+  schedule: optax.Schedule
+  tx: optax.GradientTransformation
+  abstract: TrainState  # ShapeDtypeStructs
+  shardings: TrainState  # NamedShardings
+  rest_shardings: Any
+
+  def train_step(self, config: ml_collections.ConfigDict, spec: ModelSpec, mesh: Mesh
+                 ) -> Callable:
+    return make_train_step(config, spec, self.tx, self.schedule, mesh, self.shardings,
+                           self.rest_shardings)
+
+  def abstract_arguments(self, config: ml_collections.ConfigDict, spec: ModelSpec, mesh: Mesh
+                         ) -> tuple[Any, Any, Any]:
+    """(state, batch, rest) as ShapeDtypeStructs with their shardings: what the train step
+    is lowered with when no data or parameters exist (ahead-of-time compilation)."""
+    size = config.image_size
+    batch_sharding = sharding.batch_sharding(mesh)
+    batch = {"image": jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32,
+                                           sharding=batch_sharding),
+             "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32,
+                                           sharding=batch_sharding)}
+    rest = ts.with_shardings(spec.abstract_rest, self.rest_shardings)
+    return ts.with_shardings(self.abstract, self.shardings), batch, rest
+
+
+def step_setup(config: ml_collections.ConfigDict, spec: ModelSpec, mesh: Mesh,
+               steps_per_epoch: int, total_steps: int) -> StepSetup:
+  """Schedule, optimiser and shardings of a run (needs no data: the step counts only set
+  the schedule's constants)."""
+  schedule = optim.schedule_fn(config, steps_per_epoch, total_steps)
+  tx = optim.make_optimizer(config, schedule)
+  abstract, shardings = ts.state_shardings(tx, spec, mesh, config.ema_decay > 0)
+  rest_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), spec.abstract_rest)
+  return StepSetup(schedule, tx, abstract, shardings, rest_shardings)

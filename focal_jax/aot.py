@@ -1,0 +1,321 @@
+"""Compile the training step for a TPU slice on any machine, before renting one.
+
+    python -m focal_jax.aot --model focal_tiny --topology v5e:2x2 --batch-per-chip 128 --json
+    python -m focal_jax.aot --config configs/focal_base.py --topology v5e:2x2 \\
+        --batch-per-chip 128 --remat --max-batch
+
+With `jax[tpu]` installed (it brings libtpu), XLA compiles for a TPU topology without the
+hardware: `jax.experimental.topologies.get_topology_desc` describes the slice's chips, the
+train step of `focal_jax.training` (the one `main.py` runs: the config's optimiser, mixup,
+clipping, accumulation and EMA) is lowered with abstract arguments sharded over a mesh of
+those chips, and the compiled program tells the memory each chip needs, its FLOPs and the
+operations in it. Nothing is allocated and no data is read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import importlib.util
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+from typing import Any, Sequence
+
+# Compiling opens no TPU chip, so several compiles (and a training run) may load libtpu at
+# once; without this libtpu refuses every process but the first (its lockfile).
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF comes in with the input pipeline
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+
+from focal_jax.training import memory, sharding  # noqa: E402
+from focal_jax.training import train_state as ts  # noqa: E402
+from focal_jax.training.config import default_config, validate_config  # noqa: E402
+from focal_jax.training.train_step import step_setup  # noqa: E402
+
+GIB = memory.GIB
+IMAGENET_TRAIN_EXAMPLES = 1_281_167  # sets the schedule's constants only
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuGeneration:
+  hbm_bytes: int  # per chip
+  chip_config: str | None  # "megacore": the chip's two TensorCores act as one device
+
+
+# HBM per chip (v4 and v5p chips have two TensorCores, used as one megacore device).
+TPU_GENERATIONS = {
+    "v4": TpuGeneration(32 * GIB, "megacore"),
+    "v5e": TpuGeneration(16 * GIB, None),
+    "v5p": TpuGeneration(95 * GIB, "megacore"),
+    "v6e": TpuGeneration(32 * GIB, None),
+}
+
+# HLO opcodes counted in the report; collectives also in their asynchronous "-start" form.
+COUNTED_OPS = ("gather", "scatter", "copy", "transpose")
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_OPCODE = re.compile(r"=\s*(?:\([^=]*?\)|\S+)\s+([a-z][a-z0-9-]*)\(")
+
+
+class AotError(ValueError):
+  """A setting the tool cannot compile for; the message says what to change."""
+
+
+def install_line() -> str:
+  return f'pip install "jax[tpu]=={jax.__version__}"'
+
+
+def tpu_devices(topology: str) -> tuple[list[Any], TpuGeneration]:
+  """The compile-only devices of a slice such as 'v5e:2x2' or 'v4:2x2x1'."""
+  if importlib.util.find_spec("libtpu") is None:
+    raise AotError(f"Compiling for TPU needs libtpu, which is not installed. Install it with: "
+                   f"{install_line()}")
+  generation, _, shape = topology.partition(":")
+  if generation not in TPU_GENERATIONS or not re.fullmatch(r"\d+(x\d+){1,2}", shape):
+    raise AotError(f"Unknown topology {topology!r}: expected GENERATION:SHAPE with GENERATION "
+                   f"one of {', '.join(TPU_GENERATIONS)} and SHAPE chips per axis, e.g. "
+                   "v5e:2x2, v6e:4x4, v4:2x2x1 or v5p:2x2x2.")
+  from jax.experimental import topologies  # noqa: PLC0415
+  spec = TPU_GENERATIONS[generation]
+  kwargs = {"chip_config_name": spec.chip_config} if spec.chip_config else {}
+  try:
+    description = topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs)
+  except Exception as error:  # noqa: BLE001  libtpu refuses shapes its generation lacks
+    raise AotError(f"libtpu does not know the topology {topology!r}: {error}") from error
+  return list(description.devices), spec
+
+
+def load_config(path: str | None) -> ml_collections.ConfigDict:
+  """`get_config()` of a configs/*.py file, or the default (official Focal-T) recipe."""
+  if not path:
+    return default_config()
+  module_spec = importlib.util.spec_from_file_location("focal_jax_aot_config", path)
+  if module_spec is None or module_spec.loader is None:
+    raise AotError(f"--config {path}: not a Python config file (expected configs/*.py).")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def step_config(base: ml_collections.ConfigDict, args: argparse.Namespace, chips: int,
+                batch_per_chip: int) -> ml_collections.ConfigDict:
+  """The training config compiled: `base` with the command line's model, batch and mesh."""
+  config = ml_collections.ConfigDict(base.to_dict())
+  if args.model:
+    config.model.name = args.model
+  if args.dtype:
+    config.dtype = args.dtype
+  if args.img_size:
+    config.image_size = args.img_size
+  if args.remat:
+    config.model.overrides.remat = True
+  if args.grad_accum:
+    config.grad_accum_steps = args.grad_accum
+  if chips % args.fsdp:
+    raise AotError(f"--fsdp {args.fsdp} does not divide the {chips} chips of the slice; use a "
+                   f"divisor of {chips}.")
+  config.mesh.data, config.mesh.fsdp = chips // args.fsdp, args.fsdp
+  config.batch_size = batch_per_chip * chips
+  accum = config.grad_accum_steps
+  if batch_per_chip % accum:
+    raise AotError(f"{batch_per_chip} examples per chip cannot be split into grad_accum_steps="
+                   f"{accum} equal micro-batches; use a multiple of {accum}.")
+  try:
+    validate_config(config)
+  except ValueError as error:
+    raise AotError(str(error)) from error
+  return config
+
+
+def hlo_op_counts(hlo_text: str) -> dict[str, int]:
+  """Counts of the reported opcodes in an HLO module's text (fusion bodies included)."""
+  opcodes = collections.Counter()
+  for line in hlo_text.splitlines():
+    match = _OPCODE.search(line)
+    if match:
+      opcodes[match.group(1)] += 1
+  counts = {op: opcodes[op] + opcodes[f"{op}-start"] for op in COUNTED_OPS}
+  counts["collective"] = sum(opcodes[op] + opcodes[f"{op}-start"] for op in COLLECTIVES)
+  return counts
+
+
+def compile_step(config: ml_collections.ConfigDict, devices: list[Any], num_classes: int,
+                 hbm_bytes: int) -> dict[str, Any]:
+  """Compiles the train step on a mesh over `devices`; its memory per chip, FLOPs and op
+  counts. When XLA refuses because the step cannot fit in HBM (it does, for TPUs), the
+  report says so (`fits` false, `compile_error`), with the bytes the error names."""
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
+  if config.batch_size % sharding.batch_divisor(mesh):
+    raise AotError(f"The global batch {config.batch_size} does not divide over the "
+                   f"{sharding.batch_divisor(mesh)} chips; use a multiple of them.")
+  spec = ts.model_spec_from_config(config, num_classes)
+  steps_per_epoch = max(1, IMAGENET_TRAIN_EXAMPLES // config.batch_size)
+  total = max(1, int(config.num_epochs * steps_per_epoch))
+  setup = step_setup(config, spec, mesh, steps_per_epoch, total)
+  step = setup.train_step(config, spec, mesh)
+  arguments = setup.abstract_arguments(config, spec, mesh)
+  params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract.params))
+  start = time.perf_counter()
+  compiled, need, refusal = memory.compile_measured(step.lower(*arguments), arguments)
+  if compiled is None:
+    # The state is donated: outputs reuse the argument buffers but for the metrics.
+    state_bytes = memory.bytes_per_device(arguments[0])
+    report = {"argument_bytes": memory.bytes_per_device(arguments), "output_bytes": state_bytes,
+              "alias_bytes": state_bytes, "temp_bytes": memory.oom_temp_bytes(refusal),
+              "code_bytes": None, "total_bytes": need, "hbm_bytes": hbm_bytes, "fits": False,
+              "flops_per_chip": None, "bytes_accessed_per_chip": None,
+              **{op: None for op in (*COUNTED_OPS, "collective")}, "compile_error": refusal}
+  else:
+    report = analyse(compiled, hbm_bytes)
+  return {"params": params, "compile_s": round(time.perf_counter() - start, 1), **report}
+
+
+def analyse(compiled: jax.stages.Compiled, hbm_bytes: int) -> dict[str, Any]:
+  """Memory per chip, whether it fits, FLOPs and op counts of a compiled step."""
+  mem = memory.step_memory(compiled)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  report = {"argument_bytes": mem.argument_bytes, "output_bytes": mem.output_bytes,
+            "alias_bytes": mem.alias_bytes, "temp_bytes": mem.temp_bytes,
+            "code_bytes": mem.code_bytes, "total_bytes": mem.total_bytes,
+            "hbm_bytes": hbm_bytes, "fits": mem.total_bytes <= hbm_bytes,
+            "flops_per_chip": float(cost.get("flops", 0.0)),
+            "bytes_accessed_per_chip": float(cost.get("bytes accessed", 0.0))}
+  report.update(hlo_op_counts(compiled.as_text()))
+  return report
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+  devices, generation = tpu_devices(args.topology)
+  chips = len(devices)
+  if args.global_batch is not None:
+    if args.global_batch % chips:
+      raise AotError(f"--global-batch {args.global_batch} does not divide over the {chips} chips "
+                     f"of {args.topology}; use a multiple of {chips}.")
+    batch_per_chip = args.global_batch // chips
+  else:
+    batch_per_chip = args.batch_per_chip
+  base = load_config(args.config)
+
+  def measure(batch: int) -> dict[str, Any]:
+    config = step_config(base, args, chips, batch)
+    result = {"model": config.model.name or "custom", "topology": args.topology,
+              "chips": chips, "batch_per_chip": batch, "global_batch": config.batch_size,
+              "grad_accum_steps": config.grad_accum_steps, "dtype": config.dtype,
+              "img_size": config.image_size, "remat": bool(args.remat), "fsdp": args.fsdp,
+              **compile_step(config, devices, args.num_classes, generation.hbm_bytes)}
+    logging.info("%s", _summary(result))
+    return result
+
+  result = measure(batch_per_chip)
+  if args.max_batch:
+    accum = args.grad_accum or base.grad_accum_steps
+    group = base.mixup.group_size if base.mixup.group_size > 0 else 8
+    # Per-chip batches that keep whole micro-batches of whole mixup groups on every chip.
+    quantum = accum * math.lcm(8, group // math.gcd(group, chips))
+    result["max_batch_per_chip"] = max_batch(measure, result, generation.hbm_bytes, quantum)
+  return result
+
+
+def max_batch(measure, first: dict[str, Any], capacity: int, quantum: int) -> int:
+  """The largest per-chip batch (a multiple of `quantum`) that fits: a line through two
+  compiles, then compiles at the answer (and below it until one fits) to confirm."""
+  b1 = first["batch_per_chip"]
+  b2 = b1 // 2 if b1 >= 2 * quantum else b1 * 2
+  b2 = max(quantum, b2 // quantum * quantum)
+  second = measure(b2)
+  if first["total_bytes"] is None or second["total_bytes"] is None:
+    raise AotError("XLA did not say how much memory the step needs at batch "
+                   f"{b1 if first['total_bytes'] is None else b2}; try --max-batch from a "
+                   "batch that fits.")
+  guess = memory.largest_batch(b1, first["total_bytes"], b2, second["total_bytes"], capacity,
+                               quantum)
+  for _ in range(3):
+    if guess <= 0:
+      return 0
+    if guess == b1:
+      fits = first["fits"]
+    else:
+      fits = measure(guess)["fits"]
+    if fits:
+      return guess
+    guess -= quantum
+  return guess
+
+
+def _gib(value: int | None) -> str:
+  return "?" if value is None else f"{value / GIB:.2f}"
+
+
+def _summary(r: dict[str, Any]) -> str:
+  head = (f"{r['model']} on {r['topology']} ({r['chips']} chips), {r['batch_per_chip']} per "
+          f"chip, {r['dtype']}{', remat' if r['remat'] else ''}"
+          f"{', fsdp ' + str(r['fsdp']) if r['fsdp'] > 1 else ''}: ")
+  if r.get("compile_error"):
+    return (head + f"does NOT fit: XLA needs {_gib(r['temp_bytes'])} GiB of temporaries and "
+            f"{_gib(r['argument_bytes'])} GiB of arguments per chip, the chip has "
+            f"{r['hbm_bytes'] / GIB:.0f} GiB ({r['compile_s']:.0f} s)")
+  return (head + f"{_gib(r['total_bytes'])} of {r['hbm_bytes'] / GIB:.0f} GiB per chip "
+          f"({'fits' if r['fits'] else 'does NOT fit'}; arguments {_gib(r['argument_bytes'])}, "
+          f"temporaries {_gib(r['temp_bytes'])} GiB), {r['flops_per_chip'] / 1e12:.2f} TFLOP "
+          f"per chip, compiled in {r['compile_s']:.0f} s; HLO: {r['gather']} gather, "
+          f"{r['scatter']} scatter, {r['copy']} copy, {r['transpose']} transpose, "
+          f"{r['collective']} collective")
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="focal-jax-aot", description=__doc__.split("\n\n")[0].strip(),
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", help="variant (focal_jax.VARIANTS); default: the config's")
+  p.add_argument("--topology", required=True,
+                 help=f"TPU slice, GENERATION:SHAPE ({', '.join(TPU_GENERATIONS)}), e.g. v5e:2x2")
+  batch = p.add_mutually_exclusive_group(required=True)
+  batch.add_argument("--batch-per-chip", type=int, help="examples per chip per optimiser step")
+  batch.add_argument("--global-batch", type=int, help="examples per optimiser step, all chips")
+  p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                 help="compute dtype (parameters and optimiser state stay float32)")
+  p.add_argument("--img-size", type=int, default=0, help="image side; default: the config's")
+  p.add_argument("--remat", action="store_true", help="rematerialise each block")
+  p.add_argument("--fsdp", type=int, default=1, help="chips that shard parameters (FSDP)")
+  p.add_argument("--grad-accum", type=int, default=0,
+                 help="micro-batches per step; default: the config's grad_accum_steps")
+  p.add_argument("--config", help="a training config (configs/*.py); default: the official "
+                 "Focal-T recipe (focal_jax.training.default_config)")
+  p.add_argument("--num-classes", type=int, default=1000)
+  p.add_argument("--max-batch", action="store_true",
+                 help="also report the largest batch per chip that fits")
+  p.add_argument("--json", action="store_true", help="print the report as one JSON line last")
+  return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parser().parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+  for positive in ("batch_per_chip", "global_batch", "fsdp", "num_classes"):
+    value = getattr(args, positive)
+    if value is not None and value <= 0:
+      raise SystemExit(f"focal-jax-aot: error: --{positive.replace('_', '-')} must be positive, "
+                       f"got {value}.")
+  try:
+    result = run(args)
+  except AotError as error:
+    raise SystemExit(f"focal-jax-aot: error: {error}") from None
+  if args.max_batch:
+    print(f"Largest batch per chip that fits: {result['max_batch_per_chip']}")
+  if args.json:
+    print(json.dumps(result))
+  else:
+    print(_summary(result))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,137 @@
+"""`python -m focal_jax.aot`: the training step compiled for a TPU slice without a TPU.
+
+The README's command (the demo config on v5e:2x2, 4 chips) and one absurd batch are the
+two compiles; the error cases stop before compiling.
+"""
+
+import contextlib
+import io
+import json
+import os
+import sys
+
+import jax
+import pytest
+
+from focal_jax import aot
+from focal_jax.training import memory
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "configs", "demo.py")
+# The README's command: python -m focal_jax.aot --config configs/demo.py --topology v5e:2x2
+#   --batch-per-chip 16 --num-classes 10 --json
+README_ARGS = ["--config", DEMO, "--topology", "v5e:2x2", "--batch-per-chip", "16",
+               "--num-classes", "10", "--json"]
+
+
+def run_main(argv):
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    assert aot.main(argv) == 0
+  return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def small():
+  """The README command's report: one JSON object on the last line."""
+  return json.loads(run_main(README_ARGS).strip().splitlines()[-1])
+
+
+def test_report_fields_are_present_and_sane(small):
+  assert small["model"] == "custom" and small["topology"] == "v5e:2x2"
+  assert small["chips"] == 4 and small["batch_per_chip"] == 16 and small["global_batch"] == 64
+  assert small["dtype"] == "bfloat16" and small["img_size"] == 32
+  assert small["hbm_bytes"] == 16 * 2**30
+  for key in ("argument_bytes", "output_bytes", "temp_bytes", "flops_per_chip", "compile_s"):
+    assert small[key] > 0, key
+  # The donated state comes back in place: outputs alias arguments, minus the metrics.
+  assert 0 < small["alias_bytes"] <= min(small["argument_bytes"], small["output_bytes"])
+  assert small["total_bytes"] == (small["argument_bytes"] + small["output_bytes"]
+                                  - small["alias_bytes"] + small["temp_bytes"]
+                                  + small["code_bytes"])
+  assert small["fits"] is True
+  # Parameters and two Adam moments in float32, replicated: 3 copies per chip and the
+  # chip's 16 images.
+  assert small["argument_bytes"] > 3 * 4 * small["params"] + 16 * 32 * 32 * 3 * 4
+  # Gradients are all-reduced over the 4 chips.
+  assert small["collective"] > 0
+  assert small["flops_per_chip"] > 0 and small["bytes_accessed_per_chip"] > 0
+  assert small["copy"] >= 0 and small["transpose"] >= 0
+
+
+def test_compiled_tpu_step_has_no_gather_or_scatter(small):
+  assert small["gather"] == 0 and small["scatter"] == 0
+
+
+def test_an_absurd_batch_does_not_fit_and_memory_grows_with_the_batch(small):
+  huge = aot.run(aot.parser().parse_args([*README_ARGS[:4], "--num-classes", "10",
+                                          "--batch-per-chip", str(2**15)]))
+  # XLA refuses to compile a TPU program that cannot fit, naming the bytes it needs.
+  assert huge["fits"] is False and "RESOURCE_EXHAUSTED" in huge["compile_error"]
+  assert huge["total_bytes"] > huge["hbm_bytes"]
+  assert huge["argument_bytes"] > 2**15 * 32 * 32 * 3 * 4  # the chip's images alone
+  # The line through the two compiles puts the largest batch between them.
+  largest = memory.largest_batch(16, small["total_bytes"], 2**15, huge["total_bytes"],
+                                 small["hbm_bytes"])
+  assert 16 < largest < 2**15
+
+
+def test_op_counter_sees_a_gather():
+  """The HLO counter itself finds a gather when there is one (a CPU compile)."""
+  table, index = jax.numpy.arange(12.0).reshape(3, 4), jax.numpy.array([2, 0])
+  text = jax.jit(lambda t, i: t[i].T @ t[i]).lower(table, index).compile().as_text()
+  counts = aot.hlo_op_counts(text)
+  assert counts["gather"] >= 1
+
+
+def test_largest_batch_search_confirms_its_answer():
+  """max_batch fits a line, then compiles at the answer and below it until one fits."""
+  capacity = 1000
+  compiled = []
+
+  def measure(batch):  # affine with a kink: above 64 each example costs 1.5x
+    compiled.append(batch)
+    total = 100 + 10 * batch + (5 * (batch - 64) if batch > 64 else 0)
+    return {"batch_per_chip": batch, "total_bytes": total, "fits": total <= capacity}
+
+  first = measure(32)
+  answer = aot.max_batch(measure, first, capacity, quantum=8)
+  # Line through 32 and 16: 100 + 10 b <= 1000 -> 90 -> 88; 88 costs 1100, 80 costs 1000.
+  assert answer == 80 and compiled == [32, 16, 88, 80]
+
+
+def test_missing_libtpu_names_the_install_line(monkeypatch, capsys):
+  monkeypatch.setitem(sys.modules, "libtpu", None)  # import libtpu now fails
+  with pytest.raises(SystemExit) as error:
+    aot.main(["--config", DEMO, "--topology", "v5e:2x2", "--batch-per-chip", "8"])
+  message = str(error.value)
+  assert "libtpu" in message and f'pip install "jax[tpu]=={jax.__version__}"' in message
+
+
+@pytest.mark.parametrize("topology", ["v9x:2x2", "v5e", "v5e:two"])
+def test_unknown_topology_is_refused(topology):
+  with pytest.raises(SystemExit) as error:
+    aot.main(["--config", DEMO, "--topology", topology, "--batch-per-chip", "8"])
+  message = str(error.value)
+  assert f"Unknown topology {topology!r}" in message and "v5e:2x2" in message
+
+
+def test_a_shape_libtpu_refuses_is_reported():
+  with pytest.raises(SystemExit) as error:
+    aot.main(["--config", DEMO, "--topology", "v5e:3x5", "--batch-per-chip", "8"])
+  assert "libtpu does not know the topology 'v5e:3x5'" in str(error.value)
+
+
+def test_a_global_batch_that_does_not_divide_over_the_chips_is_refused():
+  with pytest.raises(SystemExit) as error:
+    aot.main(["--config", DEMO, "--topology", "v5e:2x2", "--global-batch", "30"])
+  message = str(error.value)
+  assert "--global-batch 30 does not divide over the 4 chips" in message
+  assert "multiple of 4" in message
+
+
+def test_per_chip_batch_that_accumulation_cannot_split_is_refused():
+  with pytest.raises(SystemExit) as error:
+    aot.main(["--config", DEMO, "--topology", "v5e:2x2", "--batch-per-chip", "7",
+              "--grad-accum", "2"])
+  assert "grad_accum_steps=2" in str(error.value)
