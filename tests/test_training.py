@@ -198,7 +198,8 @@ def test_unknown_config_key_and_variant_fail_at_once():
 
 @pytest.mark.parametrize("name", ["base", "demo", "demo_finetune", "finetune", "focal_tiny",
                                   "focal_tiny_conv", "focal_small", "focal_small_conv",
-                                  "focal_base", "focal_base_conv"])
+                                  "focal_base", "focal_base_conv", "focalv2_tiny", "focalv2_small",
+                                  "focalv2_base"])
 def test_config_files_are_valid(name):
   import importlib.util  # noqa: PLC0415
   path = os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.py")
@@ -207,7 +208,7 @@ def test_config_files_are_valid(name):
   module_spec.loader.exec_module(module)
   config = module.get_config()
   validate_config(config)
-  if name.startswith("focal_"):
+  if name.startswith(("focal_", "focalv2_")):
     assert config.model.name == name
     expected_drop = {"tiny": 0.2, "small": 0.3, "base": 0.5}[name.split("_")[1]]
     assert config.model.overrides.drop_path_rate == expected_drop
