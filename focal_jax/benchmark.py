@@ -229,13 +229,10 @@ def reference_config(args: argparse.Namespace) -> Any:
 
 
 def torch_reference(config: Any) -> Any:
-  """The PyTorch reference of `config`'s family: Focal-fast (`version` 2, focalv2_*) or the
-  Focal Transformer, built from the official constructor arguments."""
-  if getattr(config, "version", 1) == 2:
-    from focal_jax.convert import reference_v2 as family
-  else:
-    from focal_jax.convert import reference as family
-  return family.FocalTransformer(**config.official_kwargs())
+  """The PyTorch reference of `config`'s family (Focal-fast or the Focal Transformer)."""
+  from focal_jax.convert import reference
+
+  return reference.reference_model(config)
 
 
 def run_torch(args: argparse.Namespace) -> Result:

@@ -235,7 +235,7 @@ def test_export_loads_strictly_into_the_reference_and_round_trips():
     assert back[key].dtype == value.numpy().dtype, key
     np.testing.assert_array_equal(back[key], value.numpy(), err_msg=key)
   fresh = reference_model(config)
-  fresh.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
+  fresh.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in back.items()}, strict=True)
 
 
 def test_checkpoint_with_other_key_sets_is_refused():

@@ -166,6 +166,20 @@ def test_convert_notebook(trained, tmp_path):
   assert os.path.isfile(tmp_path / "from_jax.pth") and os.path.isfile(tmp_path / "official.pth")
 
 
+def test_convert_notebook_on_a_focal_fast_model(tmp_path):
+  """The notebook's model choice covers Focal-fast: both directions against reference_v2."""
+  # The conv stem has stride 4 whatever patch_size says (as officially): patches of 2 need it off.
+  arch = dict(patch_size=2, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4),
+              focal_topK=9, use_conv_embed=False)
+  parameters = dict(MODEL="focalv2_tiny", OVERRIDES=arch, IMG_SIZE=112, NUM_CLASSES=10,
+                    OUT_DIR=str(tmp_path))
+  nb, _ = run_notebook("03_convert.ipynb", parameters)
+  text = text_output(nb)
+  assert "<All keys matched successfully>" in text
+  assert text.count("max |logit difference|") == 2
+  assert os.path.isfile(tmp_path / "official.pth")
+
+
 # ---------------------------------------------------------------------------------- viz
 # Window 5 at 48x48 (grids 24/12/6/3): stage 1 pads 24 to 25, its level-1 pooled map is
 # fitted centrally (10 sub-windows of 2 cover 20 of 25 rows), stage 4 falls back to one
