@@ -33,6 +33,7 @@ import focal_jax
 from focal_jax import data, storage, weights
 from focal_jax.convert import to_torch_state_dict
 from focal_jax.convert.__main__ import main as convert_main
+from test_reliability import _finish, _start
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "focal-test"
@@ -102,28 +103,6 @@ def _config_file(path, **changes) -> str:
   return str(path)
 
 
-def _start(config_file, workdir, log_path, env, cache_dir):
-  env = {**os.environ, **env, "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false",
-         "JAX_COMPILATION_CACHE_DIR": cache_dir, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-  log = open(log_path, "w")  # noqa: SIM115  closed by _finish
-  process = subprocess.Popen(
-      [sys.executable, "main.py", "--config", config_file, "--workdir", workdir],
-      cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-  process.log_path, process.log = log_path, log
-  return process
-
-
-def _finish(process, timeout=300) -> str:
-  try:
-    process.wait(timeout=timeout)
-  except subprocess.TimeoutExpired:
-    process.kill()
-    process.wait()
-  process.log.close()
-  with open(process.log_path) as f:
-    return f.read()
-
-
 def _committed_steps(workdir) -> list[int]:
   """The checkpoint steps that orbax finished (on a bucket: those with commit_success.txt)."""
   directory = storage.join(workdir, "checkpoints")
@@ -140,7 +119,8 @@ def test_gs_workdir_trains_is_killed_resumes_and_exports(tmp_path, gcs_env, digi
       eval_batch_size=16, num_train_steps=40, checkpoint_every_steps=4, log_every_steps=4,
       keep_checkpoints=0, **{"mesh.data": 1})
   cache = str(tmp_path / "jax_cache")
-  killed = _start(config_file, workdir, tmp_path / "killed.log", gcs_env, cache)
+  killed = _start(config_file, workdir, tmp_path / "killed.log", devices=1, env=gcs_env,
+                  cache_dir=cache)
   deadline = time.time() + 240
   while len(_committed_steps(workdir)) < 2:  # two checkpoints in the bucket, then SIGKILL
     if killed.poll() is not None or time.time() > deadline:
@@ -157,7 +137,8 @@ def test_gs_workdir_trains_is_killed_resumes_and_exports(tmp_path, gcs_env, digi
   newest = storage.join(workdir, "checkpoints", str(steps[-1]))
   for name in storage.listdir(storage.join(newest, "meta")):
     storage.remove(storage.join(newest, "meta", name))
-  rerun = _start(config_file, workdir, tmp_path / "rerun.log", gcs_env, cache)
+  rerun = _start(config_file, workdir, tmp_path / "rerun.log", devices=1, env=gcs_env,
+                 cache_dir=cache)
   output = _finish(rerun)
   assert rerun.returncode == 0, output[-3000:]
   assert f"Restored checkpoint step {steps[-2]}" in output

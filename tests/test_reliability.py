@@ -298,12 +298,13 @@ def _config_file(path, **changes) -> str:
   return str(path)
 
 
-def _start(config_file, workdir, log_path, *flags, devices=8):
-  """main.py in a subprocess sharing this session's compilation cache; output to log_path."""
-  env = {**os.environ,
+def _start(config_file, workdir, log_path, *flags, devices=8, env=None, cache_dir=None):
+  """main.py in a subprocess sharing this session's compilation cache (or `cache_dir`), with
+  `env` added to this process's environment; output to log_path."""
+  env = {**os.environ, **(env or {}),
          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
                       "--xla_cpu_multi_thread_eigen=false",
-         "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+         "JAX_COMPILATION_CACHE_DIR": cache_dir or jax.config.jax_compilation_cache_dir,
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
   log = open(log_path, "w")  # noqa: SIM115  closed by _finish
