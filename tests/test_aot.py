@@ -76,6 +76,23 @@ def test_an_absurd_batch_does_not_fit_and_memory_grows_with_the_batch(small):
   assert 16 < largest < 2**15
 
 
+def test_mixup_groups_that_straddle_chips_keep_the_step_sharded():
+  """Three mixup groups of 32 over 4 chips (24 examples each) put group boundaries inside
+  chips; the step must still split the forward pass by example rather than replicate it
+  (which, without the sharding constraint after mixup, took 8x the temporaries)."""
+  devices, generation = aot.tpu_devices("v5e:2x2")
+  base = aot.load_config(DEMO)
+  base.mixup.prob = 1.0
+  temps = {}
+  for per_chip in (32, 24):  # 32: a whole group per chip; 24: groups straddle chips
+    args = aot.parser().parse_args([*README_ARGS[:4], "--batch-per-chip", str(per_chip)])
+    config = aot.step_config(base, args, len(devices), per_chip)
+    config.mixup.group_size = 32
+    report = aot.compile_step(config, devices, 10, generation.hbm_bytes)
+    temps[per_chip] = report["temp_bytes"]
+  assert temps[24] < 1.5 * temps[32], temps
+
+
 def test_op_counter_sees_a_gather():
   """The HLO counter itself finds a gather when there is one (a CPU compile)."""
   table, index = jax.numpy.arange(12.0).reshape(3, 4), jax.numpy.array([2, 0])

@@ -68,6 +68,7 @@ def make_train_step(config: ml_collections.ConfigDict, spec: ModelSpec,
   num_classes = spec.num_classes
   ema_decay = config.ema_decay
   precision = config.matmul_precision
+  batch_sharding = sharding.batch_sharding(mesh)
 
   def loss_fn(params, rest, images, targets, key):
     model = nnx.merge(spec.train_graphdef, params, rest)
@@ -80,6 +81,11 @@ def make_train_step(config: ml_collections.ConfigDict, spec: ModelSpec,
   def micro_step(params, rest, images, labels, key):
     mix_key, drop_key = jax.random.split(key)
     images, targets = mix_groups(mix_key, images, labels, num_classes, mix_cfg, group)
+    # The model's input is split over the devices by example, whatever the groups: a group
+    # that straddles devices, or parameters sharded by FSDP, would otherwise let XLA's
+    # sharding propagation replicate the whole forward pass on every device.
+    images = jax.lax.with_sharding_constraint(images, batch_sharding)
+    targets = jax.lax.with_sharding_constraint(targets, batch_sharding)
     return grad_fn(params, rest, images, targets, drop_key)
 
   def step(state: TrainState, batch: dict[str, jax.Array], rest: Any):
@@ -119,7 +125,6 @@ def make_train_step(config: ml_collections.ConfigDict, spec: ModelSpec,
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
     return new_state, metrics
 
-  batch_sharding = sharding.batch_sharding(mesh)
   return jax.jit(
       step,
       in_shardings=(state_shardings, {"image": batch_sharding, "label": batch_sharding},
