@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from focal_jax.models.batch_split import keep_batch_split
 from focal_jax.models.block import FocalTransformerBlock, stage_block_options
 from focal_jax.models.config import (FocalConfig, check_image_size, check_whole_windows,
                                      make_config)
@@ -56,7 +57,7 @@ def scan_blocks(blocks: list[FocalTransformerBlock], x: jnp.ndarray, remat: bool
   def body(y, inputs):
     state, rate = inputs
     block = nnx.merge(graphdef, state)
-    y = block(y, drop_rate=rate)
+    y = keep_batch_split(block(y, drop_rate=rate))
     return y, nnx.state(block, nnx.Not(nnx.Param))  # RNG counters advance in training
 
   if remat:
@@ -117,6 +118,7 @@ class FocalStage(nnx.Module):
           x = nnx.remat(lambda blk, y: blk(y))(block, x)
         else:
           x = block(x)
+        x = keep_batch_split(x)
     return x
 
 

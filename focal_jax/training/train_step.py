@@ -15,6 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from focal_jax.data.mixup import MixupConfig, mixup_cutmix, smooth_one_hot
+from focal_jax.models.batch_split import split_batch
 from focal_jax.training import optim, sharding
 from focal_jax.training import train_state as ts
 from focal_jax.training.config import mixup_group_size
@@ -73,7 +74,8 @@ def make_train_step(config: ml_collections.ConfigDict, spec: ModelSpec,
   def loss_fn(params, rest, images, targets, key):
     model = nnx.merge(spec.train_graphdef, params, rest)
     nnx.reseed(model, dropout=key)
-    logits = model(images)  # [b, K]
+    with split_batch(batch_sharding):
+      logits = model(images)  # [b, K]
     return soft_cross_entropy(logits, targets).mean()
 
   grad_fn = jax.value_and_grad(loss_fn)
