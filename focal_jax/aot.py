@@ -226,7 +226,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def max_batch(measure, first: dict[str, Any], capacity: int, quantum: int) -> int:
   """The largest per-chip batch (a multiple of `quantum`) that fits: a line through two
-  compiles, then compiles at the answer (and below it until one fits) to confirm."""
+  compiles, then compiles at the answer and below it until one fits, then above it while
+  the next one fits (near the capacity XLA:TPU rematerialises on its own, so memory grows
+  more slowly than the line says). Up to four compiles on each side."""
   b1 = first["batch_per_chip"]
   b2 = b1 // 2 if b1 >= 2 * quantum else b1 * 2
   b2 = max(quantum, b2 // quantum * quantum)
@@ -235,18 +237,25 @@ def max_batch(measure, first: dict[str, Any], capacity: int, quantum: int) -> in
     raise AotError("XLA did not say how much memory the step needs at batch "
                    f"{b1 if first['total_bytes'] is None else b2}; try --max-batch from a "
                    "batch that fits.")
+  known = {b1: first["fits"], b2: second["fits"]}
+
+  def fits(batch: int) -> bool:
+    if batch not in known:
+      known[batch] = measure(batch)["fits"]
+    return known[batch]
+
   guess = memory.largest_batch(b1, first["total_bytes"], b2, second["total_bytes"], capacity,
                                quantum)
   for _ in range(3):
-    if guess <= 0:
-      return 0
-    if guess == b1:
-      fits = first["fits"]
-    else:
-      fits = measure(guess)["fits"]
-    if fits:
-      return guess
+    if guess <= 0 or fits(guess):
+      break
     guess -= quantum
+  if guess <= 0 or not fits(guess):
+    return max((b for b, ok in known.items() if ok), default=0)
+  for _ in range(3):
+    if not fits(guess + quantum):
+      break
+    guess += quantum
   return guess
 
 

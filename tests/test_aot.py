@@ -136,6 +136,23 @@ def test_largest_batch_search_confirms_its_answer():
   assert answer == 80 and compiled == [32, 16, 88, 80]
 
 
+def test_largest_batch_search_climbs_when_memory_flattens_near_the_capacity():
+  """Near the capacity XLA:TPU rematerialises by itself, so the line underestimates: the
+  search compiles above a confirmed answer while the next batch fits."""
+  capacity = 1000
+  compiled = []
+
+  def measure(batch):  # 10 per example up to 64, then 4
+    compiled.append(batch)
+    total = 100 + 10 * min(batch, 64) + 4 * max(0, batch - 64)
+    return {"batch_per_chip": batch, "total_bytes": total, "fits": total <= capacity}
+
+  answer = aot.max_batch(measure, measure(64), capacity, quantum=16)
+  # Line through 64 (740) and 32 (420): 90 -> 80 (804, fits); 96 (868) and 112 (932) fit,
+  # 128 (996) fits, three steps up: the search stops there.
+  assert answer == 128 and compiled == [64, 32, 80, 96, 112, 128]
+
+
 def test_missing_libtpu_names_the_install_line(monkeypatch, capsys):
   monkeypatch.setitem(sys.modules, "libtpu", None)  # import libtpu now fails
   with pytest.raises(SystemExit) as error:
