@@ -114,5 +114,7 @@ def test_sweep_command_reports_every_size_and_the_growth(tmp_path):
   assert [(f, int(base), int(size)) for f, base, size, _ in growth] == [
       ("jax", 32, 64), ("torch", 32, 64)]
   for framework, _, _, figure in growth:
-    assert float(figure) == pytest.approx(speed[framework, 32] / speed[framework, 64], rel=0.02)
+    # Printed with two decimals, from img/s rounded in the table: 2 % or 0.01, whichever is more.
+    assert float(figure) == pytest.approx(speed[framework, 32] / speed[framework, 64], rel=0.02,
+                                          abs=0.01)
   assert (tmp_path / "report.md").read_text().strip() in out
