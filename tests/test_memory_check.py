@@ -54,3 +54,18 @@ def test_a_step_that_fits_trains(tmp_path, caplog):
   result = loop.train_and_evaluate(config(data_dir, 1 << 40), str(tmp_path / "run"))
   assert result.step == 2
   assert re.search(r"Train step memory: [\d.]+ [KM]iB per device of 1024\.00 GiB", caplog.text)
+
+
+@pytest.mark.parametrize("message, temp", [
+    # The temporaries alone exceed the chip: the error names them.
+    ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total memory "
+     "required for HLO temporaries (17.11G) exceeds available HBM (15.75G). HLO module: jit_step.",
+     int(17.11 * 2 ** 30)),
+    # They fit alone but not with the rest: the error names all the program holds.
+    ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out of "
+     "memory in memory space hbm. Used 15.77G of 15.75G hbm. Exceeded hbm capacity by 19.00M.",
+     int(15.77 * 2 ** 30) - 500 * 2 ** 20),
+    ("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB.", None),
+])
+def test_both_forms_of_xlas_refusal_give_the_temporaries(message, temp):
+  assert memory.oom_temp_bytes(message, argument_bytes=500 * 2 ** 20) == temp

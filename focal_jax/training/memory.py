@@ -83,6 +83,7 @@ def largest_batch(batch_a: int, bytes_a: int, batch_b: int, bytes_b: int, capaci
 
 
 _OOM_TEMPORARIES = re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\)")
+_OOM_USED = re.compile(r"Used ([\d.]+)([KMGT]?) of [\d.]+[KMGT]? hbm")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -106,12 +107,19 @@ def format_bytes(n: int | None) -> str:
   return f"{n / (1 << 20):.2f} MiB" if n >= 1 << 20 else f"{n / (1 << 10):.1f} KiB"
 
 
-def oom_temp_bytes(message: str) -> int | None:
-  """The temporaries' bytes a compile-time out-of-memory error names (XLA:TPU refuses to
-  compile a program that cannot fit: '... HLO temporaries (27.02G) exceeds available HBM
-  (15.75G)')."""
+def oom_temp_bytes(message: str, argument_bytes: int) -> int | None:
+  """The temporaries' bytes per device a compile-time out-of-memory error implies (XLA:TPU
+  refuses to compile a program that cannot fit). It names them in one of two forms:
+  '... HLO temporaries (27.02G) exceeds available HBM (15.75G)', or, when the temporaries
+  alone fit but not with the rest, 'Used 15.77G of 15.75G hbm' (everything the program
+  holds: the arguments are subtracted). None when it names neither."""
   match = _OOM_TEMPORARIES.search(message)
-  return None if match is None else int(float(match.group(1)) * _UNITS[match.group(2)])
+  if match is not None:
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+  match = _OOM_USED.search(message)
+  if match is not None:
+    return max(0, int(float(match.group(1)) * _UNITS[match.group(2)]) - argument_bytes)
+  return None
 
 
 def bytes_per_device(tree: Any) -> int:
@@ -140,8 +148,9 @@ def compile_measured(lowered: jax.stages.Lowered, arguments: Any
     message = str(error)
     if "RESOURCE_EXHAUSTED" not in message:
       raise
-    temp = oom_temp_bytes(message)
-    need = None if temp is None else bytes_per_device(arguments) + temp
+    argument_bytes = bytes_per_device(arguments)
+    temp = oom_temp_bytes(message, argument_bytes)
+    need = None if temp is None else argument_bytes + temp
     return None, need, message.splitlines()[0][:300]
   return compiled, step_memory(compiled).total_bytes, None
 
