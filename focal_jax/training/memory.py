@@ -111,8 +111,9 @@ def oom_temp_bytes(message: str, argument_bytes: int) -> int | None:
   """The temporaries' bytes per device a compile-time out-of-memory error implies (XLA:TPU
   refuses to compile a program that cannot fit). It names them in one of two forms:
   '... HLO temporaries (27.02G) exceeds available HBM (15.75G)', or, when the temporaries
-  alone fit but not with the rest, 'Used 15.77G of 15.75G hbm' (everything the program
-  holds: the arguments are subtracted). None when it names neither."""
+  alone fit but not with the rest, 'Used 15.77G of 15.75G hbm' (all the program held when
+  its allocation failed, arguments included: they are subtracted; a lower bound, like the
+  first). None when it names neither."""
   match = _OOM_TEMPORARIES.search(message)
   if match is not None:
     return int(float(match.group(1)) * _UNITS[match.group(2)])
