@@ -170,7 +170,7 @@ def compile_step(config: ml_collections.ConfigDict, devices: list[Any], num_clas
     argument_bytes = memory.bytes_per_device(arguments)
     report = {"argument_bytes": argument_bytes, "output_bytes": state_bytes,
               "alias_bytes": state_bytes,
-              "temp_bytes": memory.oom_temp_bytes(refusal, argument_bytes),
+              "temp_bytes": None if need is None else need - argument_bytes,
               "code_bytes": None, "total_bytes": need, "hbm_bytes": hbm_bytes, "fits": False,
               "flops_per_chip": None, "bytes_accessed_per_chip": None,
               **{op: None for op in (*COUNTED_OPS, "collective")}, "compile_error": refusal}
