@@ -230,7 +230,8 @@ def max_batch(measure, first: dict[str, Any], capacity: int, quantum: int) -> in
   """The largest per-chip batch (a multiple of `quantum`) that fits: a line through two
   compiles, then compiles at the answer and below it until one fits, then above it while
   the next one fits (near the capacity XLA:TPU rematerialises on its own, so memory grows
-  more slowly than the line says). Up to four compiles on each side."""
+  more slowly than the line says). At most four compiles at or below the line's answer
+  and three above it."""
   b1 = first["batch_per_chip"]
   b2 = b1 // 2 if b1 >= 2 * quantum else b1 * 2
   b2 = max(quantum, b2 // quantum * quantum)
