@@ -188,3 +188,23 @@ def test_per_chip_batch_that_accumulation_cannot_split_is_refused():
     aot.main(["--config", DEMO, "--topology", "v5e:2x2", "--batch-per-chip", "7",
               "--grad-accum", "2"])
   assert "grad_accum_steps=2" in str(error.value)
+
+
+@pytest.mark.parametrize("variant", ["focal_tiny", "focal_small", "focal_base", "focal_tiny_conv",
+                                     "focal_small_conv", "focal_base_conv", "focalv2_tiny",
+                                     "focalv2_small", "focalv2_base"])
+def test_the_readme_table_commands_build_the_official_step_configs(variant):
+  """The README table's commands (`--config configs/<variant>.py --topology v5e:2x2|v4:2x2x1
+  --batch-per-chip 128 [--remat]`) up to the compile: 512 examples over 4 chips, the base
+  variants in 2 accumulation steps of 64 per chip, remat only when asked."""
+  for topology in ("v5e:2x2", "v4:2x2x1"):
+    devices, _ = aot.tpu_devices(topology)
+    for remat in ([], ["--remat"]):
+      args = aot.parser().parse_args(["--config", os.path.join(ROOT, "configs", f"{variant}.py"),
+                                      "--topology", topology, "--batch-per-chip", "128", *remat])
+      config = aot.step_config(aot.load_config(args.config), args, len(devices), 128)
+      assert len(devices) == 4 and config.batch_size == 512
+      assert config.grad_accum_steps == (2 if variant.endswith(("base", "base_conv")) else 1)
+      assert config.mesh.data == 4 and config.mesh.fsdp == 1
+      assert bool(config.model.overrides.get("remat", False)) == bool(remat)
+      assert config.model.name == variant
