@@ -19,7 +19,7 @@ from test_training import compilation_cache, digits_dir  # noqa: F401  (fixtures
 
 from focal_jax import weights
 from focal_jax.weights import files
-from focal_jax.training import checkpoint, loop, metrics
+from focal_jax.training import checkpoint, loop, metrics, resume, run_state
 from focal_jax.training import train_state as ts
 
 
@@ -60,11 +60,11 @@ def _demo_workdir(workdir, data_dir):
   """A demo workdir as training leaves it (a checkpoint, here of the freshly initialised
   state, and an export of its parameters) without compiling a training step: the demo's
   training itself runs end to end in CI."""
-  run = loop._Run(demo_config(data_dir=data_dir), workdir)
+  run = run_state.Run(demo_config(data_dir=data_dir), workdir)
   run.prepare()
   state = ts.create_train_state(run.spec, run.tx, run.shardings, run.mesh, run.config.seed)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, loop.CHECKPOINT_DIR))
-  ckpt.save(0, state, run.meta(0, loop._DataTracker((0, 0), 1), []))
+  ckpt.save(0, state, resume.checkpoint_meta(run, 0, resume.DataTracker((0, 0), 1), []))
   ckpt.close()
   return weights.export_params(os.path.join(workdir, loop.EXPORT_DIR), state.params,
                                run.description)
