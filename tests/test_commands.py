@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -21,6 +20,7 @@ from focal_jax import weights
 from focal_jax.weights import files
 from focal_jax.training import checkpoint, loop, metrics, resume, run_state
 from focal_jax.training import train_state as ts
+from focal_jax.training.config import load_config_file
 
 
 def readme() -> str:
@@ -47,11 +47,7 @@ def _main(tmp_path, name, workdir, *flags, timeout=300):
 
 def demo_config(**changes):
   """configs/demo.py's config, with `changes`."""
-  spec = importlib.util.spec_from_file_location("demo_config", os.path.join(ROOT, "configs",
-                                                                            "demo.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = load_config_file(os.path.join(ROOT, "configs", "demo.py"))
   config.update(changes)
   return config
 

@@ -23,7 +23,7 @@ import focal_jax
 from focal_jax import weights
 from focal_jax.training import checkpoint, evaluate, input, loop, metrics, optim, sharding
 from focal_jax.training import train_state as ts
-from focal_jax.training.config import default_config, validate_config
+from focal_jax.training.config import default_config, load_config_file, validate_config
 from focal_jax.training.train_step import make_train_step
 
 TINY = dict(embed_dim=16, depths=(1, 1), num_heads=(1, 2), focal_levels=(2, 2), window_size=2,
@@ -201,18 +201,27 @@ def test_unknown_config_key_and_variant_fail_at_once():
                                   "focal_base", "focal_base_conv", "focalv2_tiny", "focalv2_small",
                                   "focalv2_base"])
 def test_config_files_are_valid(name):
-  import importlib.util  # noqa: PLC0415
-  path = os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.py")
-  module_spec = importlib.util.spec_from_file_location(f"config_{name}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config()
+  config = load_config_file(os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.py"))
   validate_config(config)
   if name.startswith(("focal_", "focalv2_")):
     assert config.model.name == name
     expected_drop = {"tiny": 0.2, "small": 0.3, "base": 0.5}[name.split("_")[1]]
     assert config.model.overrides.drop_path_rate == expected_drop
     assert optim.scaled_learning_rates(config).peak == pytest.approx(1e-3)  # 5e-4 * 1024 / 512
+
+
+def test_load_config_file_passes_its_argument_and_names_a_bad_file(tmp_path):
+  path = tmp_path / "sized.py"
+  path.write_text("from focal_jax.training.config import default_config\n\n\n"
+                  "def get_config(arg='32'):\n"
+                  "  config = default_config()\n  config.image_size = int(arg)\n  return config\n")
+  assert load_config_file(path).image_size == 32
+  assert load_config_file(str(path), "64").image_size == 64
+  with pytest.raises(FileNotFoundError, match="missing.py"):
+    load_config_file(tmp_path / "missing.py")
+  (tmp_path / "empty.py").write_text("x = 1\n")
+  with pytest.raises(ValueError, match="empty.py defines no get_config"):
+    load_config_file(tmp_path / "empty.py")
 
 
 # ----------------------------------------------------------------------------------------

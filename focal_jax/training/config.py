@@ -8,6 +8,8 @@ a mistake (usually a typo) and `validate_config` says so at once.
 from __future__ import annotations
 
 import difflib
+import importlib.util
+import os
 import re
 from typing import Any
 
@@ -207,3 +209,23 @@ def model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
   for key, value in config.model.overrides.items():
     overrides[key] = tuple(value) if isinstance(value, list) else value
   return overrides
+
+
+def load_config_file(path: str | os.PathLike, arg: str | None = None
+                     ) -> ml_collections.ConfigDict:
+  """`get_config()` (or `get_config(arg)`) of a config file such as configs/focal_base.py, as
+  `python main.py --config PATH[:ARG]` reads it."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"No config file at {path}: expected a Python file such as "
+                            "configs/focal_tiny.py.")
+  stem = os.path.splitext(os.path.basename(path))[0]
+  module_spec = importlib.util.spec_from_file_location(f"focal_jax_config_{stem}", path)
+  if module_spec is None or module_spec.loader is None:
+    raise ValueError(f"{path} is not a Python config file (expected configs/*.py).")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not callable(getattr(module, "get_config", None)):
+    raise ValueError(f"{path} defines no get_config(); a config file returns its "
+                     "ConfigDict from get_config().")
+  return module.get_config() if arg is None else module.get_config(arg)
