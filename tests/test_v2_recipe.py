@@ -1,6 +1,5 @@
 """The Focal-fast training recipe: config files and the official weight-decay rule."""
 
-import importlib.util
 import pathlib
 
 import jax
@@ -10,6 +9,7 @@ import torch
 
 from focal_jax.convert import reference, reference_v2
 from focal_jax.training import optim
+from focal_jax.training.config import load_config_file
 
 CONFIGS = pathlib.Path(__file__).parent.parent / "configs"
 SMALL = dict(embed_dim=16, depths=[2, 1, 2, 1], num_heads=[1, 2, 2, 4], focal_levels=[2, 2, 2, 2],
@@ -17,10 +17,7 @@ SMALL = dict(embed_dim=16, depths=[2, 1, 2, 1], num_heads=[1, 2, 2, 4], focal_le
 
 
 def load_config(name):
-  spec = importlib.util.spec_from_file_location(f"config_{name}", CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return load_config_file(CONFIGS / f"{name}.py")
 
 
 @pytest.mark.parametrize("size", ["tiny", "small", "base"])
