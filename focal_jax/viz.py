@@ -30,7 +30,8 @@ from typing import Any, Iterable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from focal_jax.models import index_tables, key_sets
+from focal_jax.models.focal import index_tables
+from focal_jax.models.focal_fast import key_sets
 from focal_jax.models.config import to_pair
 
 LEVEL_COLORS = ("#e6194b", "#f58231", "#3cb4ff", "#4363d8", "#911eb4")

@@ -15,7 +15,8 @@ from flax import nnx
 
 import focal_jax
 import focal_jax.summary
-from focal_jax.models import key_layout, key_sets, make_config
+from focal_jax.models import make_config
+from focal_jax.models.focal_fast import key_layout, key_sets
 
 torch = pytest.importorskip("torch", reason="parity tests need PyTorch (see requirements.txt)")
 

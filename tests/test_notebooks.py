@@ -34,7 +34,7 @@ from nbclient import NotebookClient  # noqa: E402
 
 import focal_jax  # noqa: E402
 from focal_jax import viz  # noqa: E402
-from focal_jax.models import index_tables  # noqa: E402
+from focal_jax.models.focal import index_tables  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(ROOT, "notebooks")

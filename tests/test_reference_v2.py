@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from focal_jax.convert import reference_v2
-from focal_jax.models import key_sets, make_config
+from focal_jax.models import make_config
+from focal_jax.models.focal_fast import key_sets
 
 # The released Focal-fast configurations (SPEC section 9).
 RELEASED = dict(use_conv_embed=True, focal_pool="fc", focal_levels=[2, 2, 2, 2], focal_topK=128)

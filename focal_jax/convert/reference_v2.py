@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from focal_jax.convert import reference
-from focal_jax.models import key_sets
+from focal_jax.models.focal_fast import key_sets
 
 class WindowAttention(nn.Module):
     """Focal-fast attention: every window's queries attend to its static key sets."""

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from focal_jax.models.attention_v2 import FocalFastAttention
+from focal_jax.models.focal_fast.attention import FocalFastAttention
 from focal_jax.models.block import FocalTransformerBlock
 from focal_jax.models.config import to_pair
 from focal_jax.models.focal_transformer import FocalTransformer

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from focal_jax.models import key_layout
-from focal_jax.models.attention import attend, softmax_attention
+from focal_jax.models.focal_fast import key_layout
+from focal_jax.models.focal.attention import attend, softmax_attention
 from focal_jax.models.layers import dense
 
 
