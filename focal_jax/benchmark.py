@@ -14,7 +14,7 @@ JAX: inference is a jitted eval-mode forward; the training step is forward, back
 an optax AdamW update, jitted with the parameters and optimiser state donated. Compile
 time is `lower()` + `compile()` of that function; the compiled step is then called
 through the same jitted function, and any further backend compilation is counted (it
-must be zero). PyTorch: the reference model (`convert.reference`, or `convert.reference_v2`
+must be zero). PyTorch: the reference model (`convert.reference.focal`, or `convert.reference.fast`
 for the focalv2_* models) in eval mode under `torch.inference_mode`, and a training step
 with `torch.optim.AdamW`, on `torch.set_num_threads(cores)` threads.
 """
@@ -230,9 +230,9 @@ def reference_config(args: argparse.Namespace) -> Any:
 
 def torch_reference(config: Any) -> Any:
   """The PyTorch reference of `config`'s family (Focal-fast or the Focal Transformer)."""
-  from focal_jax.convert import reference
+  from focal_jax.convert.reference import reference_model
 
-  return reference.reference_model(config)
+  return reference_model(config)
 
 
 def run_torch(args: argparse.Namespace) -> Result:

@@ -4,14 +4,15 @@ A from-scratch re-implementation of the official ``classification/focal_transfor
 (microsoft/Focal-Transformer) with its module tree, parameter and buffer names, shapes,
 dtypes, initialisation order and numerics, so an official v2 state_dict loads with
 ``strict=True`` and gives the official logits. It shares the patch embedding, MLP,
-pooling, stage, head and drop path with the v1 reference (:mod:`.reference`); only the
+pooling, stage, head and drop path with the v1 reference (:mod:`.focal`); only the
 attention differs:
 
 * each query window attends to a fixed key set per level: at level 0 the
   ``min(focal_topK, H*W)`` stage pixels nearest to the window's centre pixel, at level 1
   the ``min(focal_topK, nWh*nWw)`` nearest pooled windows (k, v from the block's own
   ``qkv`` applied to the pooled map). The sets come from
-  :mod:`focal_jax.models.key_sets`, a replica of the official ``torch.topk`` tie order,
+  :mod:`focal_jax.models.focal_fast.key_sets`, built on a replica of the official
+  ``torch.topk`` tie order (:mod:`focal_jax.models.focal_fast.torch_topk`),
   so they are the official buffers at every size the official code builds;
 * the position bias of each level is an MLP ``coord2rpb_all.{l}`` (Linear(2, head_dim),
   ReLU, Linear(head_dim, heads)) of the (row, col) coordinates query minus key, evaluated
@@ -40,7 +41,7 @@ import math
 import torch
 from torch import nn
 
-from focal_jax.convert import reference
+from focal_jax.convert.reference import focal
 from focal_jax.models.focal_fast import key_sets
 
 class WindowAttention(nn.Module):
@@ -64,8 +65,8 @@ class WindowAttention(nn.Module):
         self.input_resolution = tuple(input_resolution)
         self.expand_size = expand_size
         self.shift_size = shift_size
-        self.window_size = reference.to_2tuple(window_size)
-        self.window_size_glo = reference.to_2tuple(window_size_glo)
+        self.window_size = focal.to_2tuple(window_size)
+        self.window_size_glo = focal.to_2tuple(window_size_glo)
         self.focal_window = focal_window
         self.focal_level = focal_level
         self.num_heads = num_heads
@@ -125,7 +126,7 @@ class WindowAttention(nn.Module):
         ws = self.window_size[0]
         n = ws * ws
         q, k, v = self.qkv(x).view(b, h, w, 3, c).unbind(3)  # each [B, H, W, C]
-        q = reference.window_partition(q, ws).view(-1, n, self.num_heads, c // self.num_heads)
+        q = focal.window_partition(q, ws).view(-1, n, self.num_heads, c // self.num_heads)
         q = q.transpose(1, 2) * self.scale  # [B*nW, nH, N, hd]
 
         keys = [self._selected(k.reshape(b, h * w, c), 0)]
@@ -164,7 +165,7 @@ class WindowAttention(nn.Module):
         return flops
 
 
-class FocalTransformerBlock(reference.FocalTransformerBlock):
+class FocalTransformerBlock(focal.FocalTransformerBlock):
     """The v1 block (norms, pooling, shift, MLP, layerscale) around Focal-fast attention."""
 
     def __init__(self, *args, topK: int = 64, **kwargs):
@@ -187,11 +188,11 @@ class FocalTransformerBlock(reference.FocalTransformerBlock):
             pool_method=self.pool_method, topK=topK)
 
 
-class BasicLayer(reference.BasicLayer):
+class BasicLayer(focal.BasicLayer):
     block_class = FocalTransformerBlock
 
 
-class FocalTransformer(reference.FocalTransformer):
+class FocalTransformer(focal.FocalTransformer):
     """Focal-fast classifier with the official v2 constructor signature and defaults
     (``focal_topK`` 64 as in the constructor; the released models use 128).
 
