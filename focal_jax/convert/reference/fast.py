@@ -1,8 +1,8 @@
-"""PyTorch reference of Focal-fast, the official v2 Focal Transformer.
+"""PyTorch reference of Focal-fast, the official `focal_transformer_v2.py` model.
 
 A from-scratch re-implementation of the official ``classification/focal_transformer_v2.py``
 (microsoft/Focal-Transformer) with its module tree, parameter and buffer names, shapes,
-dtypes, initialisation order and numerics, so an official v2 state_dict loads with
+dtypes, initialisation order and numerics, so an official Focal-fast state_dict loads with
 ``strict=True`` and gives the official logits. It shares the patch embedding, MLP,
 pooling, stage, head and drop path with the v1 reference (:mod:`.focal`); only the
 attention differs:
@@ -54,12 +54,12 @@ class WindowAttention(nn.Module):
         super().__init__()
         if focal_level not in (1, 2):
             raise ValueError(
-                f"Focal-fast supports focal_levels 1 or 2, got {focal_level} (the official v2 "
+                f"Focal-fast supports focal_levels 1 or 2, got {focal_level} (the official Focal-fast "
                 "code indexes the wrong pooled grid for 3 and fails for 0).")
         if focal_level > 1 and pool_method == "none":
             raise ValueError(
                 "Focal-fast with focal_levels 2 needs a pooled level: focal_pool is 'none' (or the "
-                "stage is not in focal_stages), which the official v2 code fails on. Use 'fc', "
+                "stage is not in focal_stages), which the official Focal-fast code fails on. Use 'fc', "
                 "'conv', 'mean' or 'max', or focal_levels 1.")
         self.dim = dim
         self.input_resolution = tuple(input_resolution)
@@ -177,7 +177,7 @@ class FocalTransformerBlock(focal.FocalTransformerBlock):
         if height % self.window_size or width % self.window_size:
             raise ValueError(
                 f"Focal-fast needs stage grids of whole windows: {height}x{width} is not a multiple "
-                f"of window_size {self.window_size} (the official v2 code fails here). Use an "
+                f"of window_size {self.window_size} (the official Focal-fast code fails here). Use an "
                 f"image size whose stage grids divide by the window, e.g. 224, 448 or 896.")
         return WindowAttention(
             dim, input_resolution=self.input_resolution, expand_size=self.expand_size,
@@ -193,7 +193,7 @@ class BasicLayer(focal.BasicLayer):
 
 
 class FocalTransformer(focal.FocalTransformer):
-    """Focal-fast classifier with the official v2 constructor signature and defaults
+    """Focal-fast classifier with the official Focal-fast constructor signature and defaults
     (``focal_topK`` 64 as in the constructor; the released models use 128).
 
     ``expand_stages``, ``expand_sizes``, ``expand_layer`` and ``focal_windows`` are
