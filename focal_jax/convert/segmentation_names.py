@@ -56,7 +56,7 @@ def _conv_module(key: str, path: Path) -> Iterator[Entry]:
   yield from _batch_norm(f"{key}.bn", (*path, "bn"))
 
 
-def _decode_head(head: UPerHead) -> Iterator[Entry]:
+def decode_head_entries(head: UPerHead) -> Iterator[Entry]:
   key, path = "decode_head", ("decode_head",)
   yield from _conv(f"{key}.conv_seg", (*path, "conv_seg"))
   for i, _ in enumerate(head.psp_modules):
@@ -69,7 +69,7 @@ def _decode_head(head: UPerHead) -> Iterator[Entry]:
   yield from _conv_module(f"{key}.fpn_bottleneck", (*path, "fpn_bottleneck"))
 
 
-def _auxiliary_head(head: FCNHead) -> Iterator[Entry]:
+def auxiliary_head_entries(head: FCNHead) -> Iterator[Entry]:
   key, path = "auxiliary_head", ("auxiliary_head",)
   yield from _conv(f"{key}.conv_seg", (*path, "conv_seg"))
   for i, _ in enumerate(head.convs):
@@ -83,7 +83,7 @@ def segmentation_entries(segmenter: Segmenter) -> list[Entry]:
              for e in official_entries(segmenter.backbone)]
   for i in segmenter.backbone.out_indices:
     entries.extend(_norm(f"backbone.norm{i}", ("backbone", f"norm{i}")))
-  entries.extend(_decode_head(segmenter.decode_head))
+  entries.extend(decode_head_entries(segmenter.decode_head))
   if segmenter.auxiliary_head is not None:
-    entries.extend(_auxiliary_head(segmenter.auxiliary_head))
+    entries.extend(auxiliary_head_entries(segmenter.auxiliary_head))
   return entries
