@@ -72,29 +72,6 @@ def test_batch_norm_matches_torch_in_training_and_eval():
   np.testing.assert_allclose(np.asarray(ours(jnp.asarray(x))), to_nhwc(theirs(to_nchw(x))), atol=1e-5)
 
 
-def randomise_(model: "torch.nn.Module", seed: int = 0) -> None:
-  """Moves weights and BatchNorm statistics well away from their initial values."""
-  generator = torch.Generator().manual_seed(seed)
-  noise = lambda t, std: torch.randn(t.shape, generator=generator, dtype=t.dtype) * std  # noqa: E731
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "relative_position_bias_table" in name:
-        p.copy_(noise(p, 0.5))
-      elif name.endswith("weight") and ("norm" in name or ".bn." in name):
-        p.copy_(1.0 + noise(p, 0.2))
-      elif name.endswith("bias"):
-        p.copy_(noise(p, 0.05))
-      else:
-        p.add_(noise(p, float(p.std()) if p.numel() > 1 else 0.02))
-    for name, b in model.named_buffers():
-      if name.endswith("running_mean"):
-        b.copy_(noise(b, 0.1))
-      elif name.endswith("running_var"):
-        b.copy_(0.5 + torch.rand(b.shape, generator=generator, dtype=b.dtype))
-      elif name.endswith("num_batches_tracked"):
-        b.fill_(160_000)
-
-
 class Heads(nnx.Module):
   def __init__(self, widths, num_classes, channels):
     rngs = nnx.Rngs(0)
@@ -124,7 +101,7 @@ def test_heads_match_reference_and_a_wrong_bin_or_align_corners_shows(monkeypatc
   torch_aux = reference_upernet.FCNHead(widths[2], classes, channels=channels)
   container = torch.nn.Module()
   container.decode_head, container.auxiliary_head = torch_decode, torch_aux
-  randomise_(container)
+  reference_upernet.randomise_(container)
   container.double().eval()
   with torch.no_grad():
     expected = to_nhwc(torch_decode([to_nchw(m) for m in maps]))
@@ -164,7 +141,7 @@ def reference_and_converted(name, num_classes, img_size, **options):
   """The randomised float64 reference and a focal_jax segmenter converted from its weights."""
   config = segmenter_config(name, img_size, **options)
   ref = reference_upernet.reference_segmenter(config, num_classes)
-  randomise_(ref)
+  reference_upernet.randomise_(ref)
   state_dict = {k: v.numpy() for k, v in ref.state_dict().items()}
   seg = convert.from_torch_state_dict({"meta": {"task": "segmentation"}, "state_dict": state_dict},
                                       name, task="segmentation", img_size=img_size, **options)

@@ -132,6 +132,33 @@ class Segmenter(nn.Module):
         return decode, auxiliary
 
 
+def randomise_(model: nn.Module, seed: int = 0) -> None:
+    """Moves weights and BatchNorm statistics well away from their initial values (for
+    parity checks: position tables large, norms and BN scales around 1, logits O(5))."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def noise(t: torch.Tensor, std: float) -> torch.Tensor:
+        return torch.randn(t.shape, generator=generator, dtype=t.dtype) * std
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "relative_position_bias_table" in name:
+                p.copy_(noise(p, 0.5))
+            elif name.endswith("weight") and ("norm" in name or ".bn." in name):
+                p.copy_(1.0 + noise(p, 0.2))
+            elif name.endswith("bias"):
+                p.copy_(noise(p, 0.05))
+            else:
+                p.add_(noise(p, float(p.std()) if p.numel() > 1 else 0.02))
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(noise(b, 0.1))
+            elif name.endswith("running_var"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=generator, dtype=b.dtype))
+            elif name.endswith("num_batches_tracked"):
+                b.fill_(160_000)
+
+
 def reference_segmenter(config, num_classes: int) -> Segmenter:
     """The reference of `focal_jax.create_segmenter` for a (version-1) `FocalConfig`."""
     if getattr(config, "version", 1) != 1:
