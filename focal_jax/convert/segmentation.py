@@ -20,7 +20,6 @@ from focal_jax.convert.state_dict import (InvalidWeights, _check_param_shapes, _
                                           check_state_dict, unwrap_state_dict)
 from focal_jax.models.segmenter import Segmenter, create_segmenter
 
-TASKS = ("classification", "segmentation")
 DEFAULT_NUM_CLASSES = 150  # ADE20K
 
 

@@ -10,7 +10,6 @@ from flax import nnx
 
 from focal_jax.convert.names import Entry, official_entries
 from focal_jax.models.focal_transformer import FocalTransformer, create_model
-from focal_jax.models.segmenter import Segmenter
 
 
 def _param_at(params: Any, path: tuple) -> nnx.Variable:
@@ -20,17 +19,13 @@ def _param_at(params: Any, path: tuple) -> nnx.Variable:
   return node
 
 
-def to_torch_state_dict(model: FocalTransformer | Segmenter) -> dict[str, np.ndarray]:
-  """Every official state_dict key (buffers included) as NumPy arrays, official layouts
-  (mmsegmentation's keys for a Segmenter, see `convert.segmentation`).
+def to_torch_state_dict(model: FocalTransformer) -> dict[str, np.ndarray]:
+  """Every official state_dict key (buffers included) as NumPy arrays, official layouts.
 
   Parameters are float32, index buffers int64, the shift mask float32, so the result
   loads into the official model (or `focal_jax.convert.reference`) with strict=True
   once each array is wrapped with `torch.from_numpy`.
   """
-  if isinstance(model, Segmenter):
-    from focal_jax.convert.segmentation import segmentation_state_dict  # noqa: PLC0415  (cycle)
-    return segmentation_state_dict(model)
   params = nnx.state(model, nnx.Param)
   result = {}
   for entry in official_entries(model):
@@ -229,25 +224,15 @@ def params_by_path(state_dict: Mapping[str, Any], model: FocalTransformer
 
 
 def from_torch_state_dict(state_dict: Mapping[str, Any], name: str | None = "focal_tiny",
-                          img_size: Any = None, source: str | None = None,
-                          task: str = "classification",
-                          **overrides: Any) -> FocalTransformer | Segmenter:
+                          img_size: Any = 224, source: str | None = None,
+                          **overrides: Any) -> FocalTransformer:
   """Builds the variant `name` (with official-name overrides) holding the given weights.
 
   `num_classes` is read from the head unless given. Raises StateDictMismatch, listing
   missing, unexpected and wrongly shaped keys, when the weights belong to another model,
   and InvalidWeights for parameters that are not finite floating point; `source` (the file
-  the weights came from) is named in both. `task="segmentation"` reads mmsegmentation's
-  UPerNet layout into `create_segmenter(name, num_classes, img_size)` (img_size 512 by
-  default; classification 224).
+  the weights came from) is named in both.
   """
-  if task == "segmentation":
-    from focal_jax.convert.segmentation import from_segmentation_state_dict  # noqa: PLC0415
-    return from_segmentation_state_dict(state_dict, name, img_size=512 if img_size is None
-                                        else img_size, source=source, **overrides)
-  if task != "classification":
-    raise ValueError(f"task={task!r}; expected 'classification' or 'segmentation'.")
-  img_size = 224 if img_size is None else img_size
   state_dict = unwrap_state_dict(state_dict)
   if "num_classes" not in overrides:
     overrides["num_classes"] = int(np.shape(state_dict["head.weight"])[0]) if "head.weight" in state_dict else 0
