@@ -4,9 +4,9 @@ PyTorch is optional: the state_dict functions work on NumPy arrays; only reading
 writing `.pth` files (and the reference model) import torch.
 """
 
+from focal_jax.convert.api import from_torch_state_dict, to_torch_state_dict
 from focal_jax.convert.state_dict import (InvalidWeights, StateDictMismatch, WeightsError,
-                                          from_torch_state_dict, load_state_dict,
-                                          to_torch_state_dict, unwrap_state_dict)
+                                          load_state_dict, unwrap_state_dict)
 
 __all__ = ["InvalidWeights", "StateDictMismatch", "WeightsError", "from_torch_state_dict",
            "load_state_dict", "to_torch_state_dict", "unwrap_state_dict"]

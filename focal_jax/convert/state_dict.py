@@ -47,9 +47,11 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 
 def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
-  """Accepts a bare state_dict or the official `{'model': state_dict, ...}` wrapper."""
-  if "model" in checkpoint and isinstance(checkpoint["model"], Mapping):
-    return checkpoint["model"]
+  """Accepts a bare state_dict, the official `{'model': state_dict, ...}` wrapper or
+  mmsegmentation's `{'meta': ..., 'state_dict': state_dict}`."""
+  for wrapper in ("model", "state_dict"):
+    if wrapper in checkpoint and isinstance(checkpoint[wrapper], Mapping):
+      return checkpoint[wrapper]
   return checkpoint
 
 
