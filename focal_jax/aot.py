@@ -36,13 +36,14 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 
 from focal_jax.training import memory, sharding  # noqa: E402
-from focal_jax.training import train_state as ts  # noqa: E402
+from focal_jax.training.tasks import get_task  # noqa: E402
 from focal_jax.training.config import (default_config, load_config_file,  # noqa: E402
                                        validate_config)
 from focal_jax.training.train_step import step_setup  # noqa: E402
 
 GIB = memory.GIB
 IMAGENET_TRAIN_EXAMPLES = 1_281_167  # sets the schedule's constants only
+DEFAULT_CLASSES = {"classification": 1000, "segmentation": 150}  # ImageNet-1K, ADE20K
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +155,7 @@ def compile_step(config: ml_collections.ConfigDict, devices: list[Any], num_clas
   if config.batch_size % sharding.batch_divisor(mesh):
     raise AotError(f"The global batch {config.batch_size} does not divide over the "
                    f"{sharding.batch_divisor(mesh)} chips; use a multiple of them.")
-  spec = ts.model_spec_from_config(config, num_classes)
+  spec = get_task(config).model_spec(config, num_classes)
   steps_per_epoch = max(1, IMAGENET_TRAIN_EXAMPLES // config.batch_size)
   total = max(1, int(config.num_epochs * steps_per_epoch))
   setup = step_setup(config, spec, mesh, steps_per_epoch, total)
@@ -204,6 +205,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   else:
     batch_per_chip = args.batch_per_chip
   base = load_config(args.config)
+  num_classes = args.num_classes or DEFAULT_CLASSES.get(base.get("task", "classification"), 1000)
 
   def measure(batch: int) -> dict[str, Any]:
     config = step_config(base, args, chips, batch)
@@ -211,7 +213,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "chips": chips, "batch_per_chip": batch, "global_batch": config.batch_size,
               "grad_accum_steps": config.grad_accum_steps, "dtype": config.dtype,
               "img_size": config.image_size, "remat": bool(args.remat), "fsdp": args.fsdp,
-              **compile_step(config, devices, args.num_classes, generation.hbm_bytes)}
+              **compile_step(config, devices, num_classes, generation.hbm_bytes)}
     logging.info("%s", _summary(result))
     return result
 
@@ -300,7 +302,8 @@ def parser() -> argparse.ArgumentParser:
                  help="micro-batches per step; default: the config's grad_accum_steps")
   p.add_argument("--config", help="a training config (configs/*.py); default: the official "
                  "Focal-T recipe (focal_jax.training.default_config)")
-  p.add_argument("--num-classes", type=int, default=1000)
+  p.add_argument("--num-classes", type=int,
+                 help="default: 1000 (classification), 150 (segmentation)")
   p.add_argument("--max-batch", action="store_true",
                  help="also report the largest batch per chip that fits")
   p.add_argument("--json", action="store_true", help="print the report as one JSON line last")
