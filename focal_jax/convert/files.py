@@ -155,12 +155,15 @@ def _state_dict_of(path: str, checkpoint: Any) -> Mapping[str, Any]:
   return state_dict
 
 
-def save_torch_file(state_dict: Mapping[str, np.ndarray], path: str) -> None:
-  """Writes `{'model': state_dict}` as the official code does (loads with weights_only=True)."""
+def save_torch_file(state_dict: Mapping[str, np.ndarray], path: str,
+                    meta: Mapping[str, Any] | None = None) -> None:
+  """Writes `{'model': state_dict}` as the official code does, or with `meta` (plain values)
+  mmsegmentation's `{'meta': meta, 'state_dict': state_dict}`; loads with weights_only=True."""
   import torch  # noqa: PLC0415  optional dependency
 
   tensors = {key: torch.from_numpy(np.array(value)) for key, value in state_dict.items()}
-  _atomic_write(path, lambda tmp: torch.save({"model": tensors}, tmp))
+  checkpoint = {"model": tensors} if meta is None else {"meta": dict(meta), "state_dict": tensors}
+  _atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def load_safetensors_file(path: str) -> dict[str, np.ndarray]:
@@ -198,11 +201,14 @@ def load_weights_file(path: str) -> Mapping[str, Any]:
   return load_torch_file(path)
 
 
-def save_weights_file(state_dict: Mapping[str, np.ndarray], path: str) -> None:
+def save_weights_file(state_dict: Mapping[str, np.ndarray], path: str,
+                      meta: Mapping[str, Any] | None = None) -> None:
+  """`.safetensors` (tensors only: `meta` is not kept), else a PyTorch file (see
+  `save_torch_file`)."""
   if path.endswith(".safetensors"):
     save_safetensors_file(state_dict, path)
   else:
-    save_torch_file(state_dict, path)
+    save_torch_file(state_dict, path, meta)
 
 
 def _atomic_write(path: str, write) -> None:

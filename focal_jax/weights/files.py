@@ -24,12 +24,14 @@ def load_weights_file(path: str) -> Mapping[str, Any]:
     return formats.load_weights_file(storage.download(path, local_dir))
 
 
-def save_weights_file(state_dict: Mapping[str, np.ndarray], path: str) -> None:
-  """Writes `state_dict` as `.safetensors` or (any other name) as the official `.pth`."""
+def save_weights_file(state_dict: Mapping[str, np.ndarray], path: str,
+                      meta: Mapping[str, Any] | None = None) -> None:
+  """Writes `state_dict` as `.safetensors` or (any other name) as the official `.pth`
+  (mmsegmentation's `{'meta', 'state_dict'}` when `meta` is given)."""
   if not storage.is_remote(path):
-    formats.save_weights_file(state_dict, path)
+    formats.save_weights_file(state_dict, path, meta)
     return
   with tempfile.TemporaryDirectory(prefix="focal_jax_weights_") as local_dir:
     local = os.path.join(local_dir, os.path.basename(path))
-    formats.save_weights_file(state_dict, local)
+    formats.save_weights_file(state_dict, local, meta)
     storage.upload(local, path)
