@@ -41,7 +41,7 @@ from focal_jax.training.config import mixup_group_size, validate_config
 from focal_jax.training.train_step import make_train_step, step_setup
 
 CHECKPOINT_DIR = weights.CHECKPOINT_DIR
-EXPORT_DIR = "export"
+EXPORT_DIR = weights.EXPORT_DIR
 # Steps dispatched but not yet read back (outside log, eval and save steps): enough to keep
 # the device busy while the host fetches the next batch.
 IN_FLIGHT = 2

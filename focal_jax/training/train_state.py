@@ -147,10 +147,12 @@ def pretrained_params(spec: ModelSpec, params_shardings: Any, source: str,
   """The initial parameters of a fine-tuning run: `source`'s (an export, .pth or
   .safetensors) where they fit, a fresh init for the head when its shape differs and for
   names matching `exclude` (logged); each array placed in its sharding."""
+  import focal_jax  # noqa: PLC0415  the package reads checkpoints (official names: convert)
+
   abstract_model = nnx.eval_shape(spec.create)
   target = pretrained.param_shapes(spec.abstract_params)
   loaded, _ = pretrained.merge_checkpoint_params(
-      target, pretrained.read_checkpoint_params(source, abstract_model), source, exclude)
+      target, focal_jax.read_checkpoint_params(source, abstract_model), source, exclude)
   fresh = init_params(spec, params_shardings)
 
   def place(path, leaf):
