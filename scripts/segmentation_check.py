@@ -36,7 +36,7 @@ def parity(model: str, sizes: list[tuple[int, int]], num_classes: int) -> None:
   import torch  # noqa: PLC0415
 
   from focal_jax import convert  # noqa: PLC0415
-  from focal_jax.convert import reference_upernet  # noqa: PLC0415
+  from focal_jax.convert.reference import upernet as reference_upernet  # noqa: PLC0415
   from focal_jax.models.segmenter import segmenter_config  # noqa: PLC0415
 
   for size in sizes:

@@ -13,9 +13,9 @@ import torch.nn.functional as F  # noqa: E402
 
 import focal_jax  # noqa: E402
 from focal_jax import convert  # noqa: E402
-from focal_jax.convert import reference_upernet  # noqa: E402
+from focal_jax.convert.reference import upernet as reference_upernet  # noqa: E402
 from focal_jax.convert.segmentation_names import auxiliary_head_entries, decode_head_entries  # noqa: E402
-from focal_jax.convert.state_dict import StateDictMismatch  # noqa: E402
+from focal_jax.convert import StateDictMismatch  # noqa: E402
 from focal_jax.models import resize  # noqa: E402
 from focal_jax.convert.segmentation import load_segmentation_state_dict  # noqa: E402
 from focal_jax.models.conv_bn import BatchNorm  # noqa: E402
