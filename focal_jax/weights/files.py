@@ -195,7 +195,7 @@ def save_safetensors_file(state_dict: Mapping[str, np.ndarray], path: str) -> No
   import ml_dtypes  # noqa: F401, PLC0415  bfloat16 arrays, see load_safetensors_file
   from safetensors.numpy import save_file  # noqa: PLC0415
 
-  arrays = {key: np.ascontiguousarray(value) for key, value in state_dict.items()}
+  arrays = {key: np.asarray(value, order="C") for key, value in state_dict.items()}  # 0-d stays 0-d
   _atomic_write(path, lambda tmp: save_file(arrays, tmp, metadata={"format": "pt"}))
 
 
