@@ -36,7 +36,7 @@ def parity(model: str, sizes: list[tuple[int, int]], num_classes: int) -> None:
   import torch  # noqa: PLC0415
 
   from focal_jax import convert  # noqa: PLC0415
-  from focal_jax.convert import reference_upernet  # noqa: PLC0415
+  from focal_jax.convert.reference import upernet as reference_upernet  # noqa: PLC0415
   from focal_jax.models.segmenter import segmenter_config  # noqa: PLC0415
 
   for size in sizes:
@@ -70,7 +70,7 @@ def table() -> None:
   print("|---|---|---|---|---|---|---|---|")
   for name, (official_params, official_macs) in OFFICIAL.items():
     for label, options in rows:
-      seg = nnx.eval_shape(lambda: focal_jax.create_segmenter(name, 150, 512, **options))
+      seg = nnx.eval_shape(lambda n=name, o=options: focal_jax.create_segmenter(n, 150, 512, **o))
       params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(seg, nnx.Param)))
       square = segmenter_macs(seg, (512, 512), backbone="hooks")["total"]
       hooks = segmenter_macs(seg, (2048, 512), backbone="hooks")["total"]
@@ -78,7 +78,8 @@ def table() -> None:
       head = segmenter_macs(seg, (2048, 512))["decode_head"]
       padded = segmenter_macs(seg, (2240, 672), backbone="official")["backbone"] + head
       print(f"| {name} | {label} | {params / 1e6:.2f}M | {official_params / 1e6:.0f}M | "
-            f"{square / 1e9:.1f}G | {hooks / 1e9:.1f}G / {formula / 1e9:.1f}G | {padded / 1e9:.1f}G | {official_macs / 1e9:.0f}G |")
+            f"{square / 1e9:.1f}G | {hooks / 1e9:.1f}G / {formula / 1e9:.1f}G | {padded / 1e9:.1f}G | "
+            f"{official_macs / 1e9:.0f}G |")
 
 
 def main() -> None:

@@ -137,7 +137,7 @@ SMOKE = textwrap.dedent("""
     assert logits.shape == (2, 5) and np.isfinite(logits).all(), logits
 
     from focal_jax import convert
-    from focal_jax.convert import files
+    from focal_jax.weights import files
     state = convert.to_torch_state_dict(model)
     files.save_weights_file(state, "official.safetensors")
     back = convert.from_torch_state_dict(files.load_weights_file("official.safetensors"),

@@ -13,9 +13,9 @@ import torch.nn.functional as F  # noqa: E402
 
 import focal_jax  # noqa: E402
 from focal_jax import convert  # noqa: E402
-from focal_jax.convert import reference_upernet  # noqa: E402
+from focal_jax.convert.reference import upernet as reference_upernet  # noqa: E402
 from focal_jax.convert.segmentation_names import auxiliary_head_entries, decode_head_entries  # noqa: E402
-from focal_jax.convert.state_dict import StateDictMismatch  # noqa: E402
+from focal_jax.convert import StateDictMismatch  # noqa: E402
 from focal_jax.models import resize  # noqa: E402
 from focal_jax.convert.segmentation import load_segmentation_state_dict  # noqa: E402
 from focal_jax.models.conv_bn import BatchNorm  # noqa: E402
@@ -243,7 +243,7 @@ def test_focal_fast_needs_whole_windows():
   """Focal-fast crops must give whole windows in every stage: multiples of 224 with its
   window of 7 (448, 672), or multiples of 256 with window_size=8 (512)."""
   for img_size, options in ((448, {}), (512, {"window_size": 8})):  # 112 = 16 x 7, 128 = 16 x 8
-    seg = nnx.eval_shape(lambda: focal_jax.create_segmenter("focalv2_tiny", 150, img_size, **options))
+    seg = nnx.eval_shape(lambda s=img_size, o=options: focal_jax.create_segmenter("focalv2_tiny", 150, s, **o))
     out = jax.eval_shape(lambda m, v: m(v), seg,
                          jax.ShapeDtypeStruct((1, img_size, img_size, 3), jnp.float32))
     assert out.shape == (1, img_size // 4, img_size // 4, 150)

@@ -15,10 +15,11 @@ from flax import nnx
 
 from focal_jax.convert.names import Entry
 from focal_jax.convert.segmentation_names import is_counter, segmentation_entries
-from focal_jax.convert.state_dict import (InvalidWeights, _check_param_shapes, _dtype_name,
-                                          _float_values, _in, _param_at, _to_numpy,
-                                          check_state_dict, unwrap_state_dict)
+from focal_jax.convert.state_dict import (_check_param_shapes, _dtype_name, _float_values, _in,
+                                          _param_at, _to_numpy, check_state_dict)
 from focal_jax.models.segmenter import Segmenter, create_segmenter
+from focal_jax.weights.errors import InvalidWeights
+from focal_jax.weights.files import unwrap_state_dict
 
 DEFAULT_NUM_CLASSES = 150  # ADE20K
 

@@ -17,12 +17,12 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-import focal_jax
-from focal_jax import pretrained
+from focal_jax import models, pretrained, weights
 from focal_jax.training import sharding
 from focal_jax.training.config import model_overrides
 
@@ -53,7 +53,7 @@ class ModelSpec:
   abstract_params: nnx.State  # with logical-axis metadata
   abstract_rest: Any  # pure dict of ShapeDtypeStructs: the dropout RNG streams
   abstract_stats: Any = None  # pure dict of ShapeDtypeStructs (BatchStat), or None
-  build: Callable[..., nnx.Module] = focal_jax.create_model  # (name, num_classes=, ...)
+  build: Callable[..., nnx.Module] = models.create_model  # (name, num_classes=, ...)
 
   def create(self) -> nnx.Module:
     return self.build(self.name, num_classes=self.num_classes, img_size=self.img_size,
@@ -78,7 +78,7 @@ def _shapes(state: Any) -> Any:
 
 
 def model_spec(name: str | None, num_classes: int, img_size: int, overrides: dict[str, Any],
-               seed: int = 0, build: Callable[..., nnx.Module] = focal_jax.create_model
+               seed: int = 0, build: Callable[..., nnx.Module] = models.create_model
                ) -> ModelSpec:
   """Builds the model abstractly (no parameters allocated) to get graphdefs and metadata;
   `build(name, num_classes=, img_size=, seed=, **overrides)` makes the model."""
@@ -101,7 +101,7 @@ def model_spec(name: str | None, num_classes: int, img_size: int, overrides: dic
 
 
 def model_spec_from_config(config: ml_collections.ConfigDict, num_classes: int,
-                           build: Callable[..., nnx.Module] = focal_jax.create_model
+                           build: Callable[..., nnx.Module] = models.create_model
                            ) -> ModelSpec:
   """The model of a training config: model.name + model.overrides, dtype, image_size, seed."""
   overrides = model_overrides(config)
@@ -204,15 +204,34 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
                       abstract, shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
+# (source, abstract model) -> {dotted focal_jax name: float32 array}
+CheckpointReader = Callable[[str, Any], dict[str, np.ndarray]]
+
+
+def read_export_only(source: str, abstract_model: Any) -> dict[str, np.ndarray]:
+  """The default checkpoint reader of a run: parameter exports only (`focal_jax.weights`).
+  Official `.pth` / `.safetensors` files need the official name map, which the caller
+  supplies (`main.py` passes `focal_jax.read_checkpoint_params`)."""
+  del abstract_model
+  if not weights.is_export(source):
+    raise ValueError(
+        f"init_from={source!r} is not a parameter export; reading an official weight file "
+        "needs the name map: call train_and_evaluate(config, workdir, "
+        "read_checkpoint=focal_jax.read_checkpoint_params), as main.py does.")
+  return pretrained.read_export_params(source)
+
+
 def pretrained_params(spec: ModelSpec, params_shardings: Any, source: str,
-                      exclude: tuple[str, ...] = ()) -> Any:
-  """The initial parameters of a fine-tuning run: `source`'s (an export, .pth or
-  .safetensors) where they fit, a fresh init for the head when its shape differs and for
-  names matching `exclude` (logged); each array placed in its sharding."""
+                      exclude: tuple[str, ...] = (),
+                      read_checkpoint: CheckpointReader = read_export_only) -> Any:
+  """The initial parameters of a fine-tuning run: `source`'s (read by `read_checkpoint`:
+  exports by default, any weight file with `focal_jax.read_checkpoint_params`) where they
+  fit, a fresh init for the head when its shape differs and for names matching `exclude`
+  (logged); each array placed in its sharding."""
   abstract_model = nnx.eval_shape(spec.create)
   target = pretrained.param_shapes(spec.abstract_params)
   loaded, _ = pretrained.merge_checkpoint_params(
-      target, pretrained.read_checkpoint_params(source, abstract_model), source, exclude)
+      target, read_checkpoint(source, abstract_model), source, exclude)
   fresh = init_params(spec, params_shardings)
 
   def place(path, leaf):

@@ -15,9 +15,9 @@ import numpy as np
 from flax import nnx
 
 from focal_jax.models.segmenter import Segmenter, create_segmenter
-from focal_jax.weights.exports import (EXPORT_FORMAT, _int_keys, export_params,
-                                       load_exported_params, overrides_from_json,
-                                       read_description)
+from focal_jax.weights.exports import (_int_keys, export_params, load_exported_params,
+                                       overrides_from_json, read_description)
+from focal_jax.weights.layout import EXPORT_FORMAT
 
 TASK = "segmentation"
 EXPORTED = (nnx.Param, nnx.BatchStat)

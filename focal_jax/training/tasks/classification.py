@@ -14,8 +14,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-import focal_jax
-from focal_jax import weights
+from focal_jax import models, weights
 from focal_jax.data.mixup import MixupConfig, mixup_cutmix, smooth_one_hot
 from focal_jax.models.batch_split import split_batch
 from focal_jax.training import evaluate, input, optim, sharding
@@ -24,7 +23,7 @@ from focal_jax.training.config import mixup_group_size
 from focal_jax.training.tasks import StepHooks
 
 BATCH_KEYS = ("image", "label")
-build = focal_jax.create_model
+build = models.create_model
 
 
 def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -133,8 +132,9 @@ def decay_mask(spec: ts.ModelSpec) -> Callable[[Any], Any]:
 
 
 def pretrained_params(spec: ts.ModelSpec, params_shardings: Any, source: str,
-                      exclude: tuple[str, ...] = ()) -> Any:
-  return ts.pretrained_params(spec, params_shardings, source, exclude)
+                      exclude: tuple[str, ...] = (),
+                      read_checkpoint: ts.CheckpointReader = ts.read_export_only) -> Any:
+  return ts.pretrained_params(spec, params_shardings, source, exclude, read_checkpoint)
 
 
 def evaluator(run) -> Callable[..., dict[str, Any]]:

@@ -32,10 +32,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-import focal_jax
-from focal_jax import pretrained, storage
+from focal_jax import models, pretrained, storage
 from focal_jax.models.batch_split import split_batch
 from focal_jax.models.resize import resize_bilinear
+from focal_jax.models.segmenter import create_segmenter
+from focal_jax.segment import segment
 from focal_jax.training import input
 from focal_jax.training import train_state as ts
 from focal_jax.training.config import SEGMENTER_OPTIONS
@@ -48,7 +49,7 @@ DECODE_LOSS_WEIGHT = 1.0
 # mmsegmentation's paramwise_cfg.custom_keys with decay_mult 0 (Swin's and FocalNet's ADE20K
 # configs): substrings of the official (mmsegmentation state_dict) parameter names.
 NO_DECAY_SUBSTRINGS = ("absolute_pos_embed", "relative_position_bias_table", "norm")
-build = focal_jax.create_segmenter
+build = create_segmenter
 
 
 def _data():
@@ -171,15 +172,17 @@ def decay_mask(spec: ts.ModelSpec) -> Callable[[Any], Any]:
 
 
 def pretrained_params(spec: ts.ModelSpec, params_shardings: Any, source: str,
-                      exclude: tuple[str, ...] = ()) -> Any:
+                      exclude: tuple[str, ...] = (),
+                      read_checkpoint: ts.CheckpointReader = ts.read_export_only) -> Any:
   """A fresh segmenter whose backbone takes `source`'s parameters (an ImageNet
   classification export, .pth or .safetensors of the same variant and options): each
   `backbone.X` from the classifier's `X` where the shapes agree, unless a pattern of
-  `exclude` matches `backbone.X`. The heads and the per-stage norms keep their init."""
+  `exclude` matches `backbone.X`. The heads and the per-stage norms keep their init.
+  `read_checkpoint(source, abstract classifier)` reads it (exports only by default)."""
   options = {k: v for k, v in spec.overrides.items() if k not in SEGMENTER_OPTIONS}
-  classifier = nnx.eval_shape(lambda: focal_jax.create_model(
+  classifier = nnx.eval_shape(lambda: models.create_model(
       spec.name, num_classes=1000, img_size=spec.img_size, **options))
-  loaded = pretrained.read_checkpoint_params(source, classifier)
+  loaded = read_checkpoint(source, classifier)
   patterns = [re.compile(p) for p in exclude]
   fresh = ts.init_params(spec, params_shardings)
   taken, kept = [], []
@@ -253,7 +256,7 @@ def evaluator(run) -> Callable[..., dict[str, Any]]:
         if not element["mask"][0]:
           continue
         label = element["label"][0]  # [H, W]
-        prediction = focal_jax.segment(model, element["image"], mode=seg.eval_mode,
+        prediction = segment(model, element["image"], mode=seg.eval_mode,
                                        crop=seg.slide_crop, stride=seg.slide_stride,
                                        output_size=label.shape)
         totals += intersect_and_union(np.asarray(prediction)[0], label, run.num_classes)

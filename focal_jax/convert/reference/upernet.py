@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from focal_jax.convert import reference as focal_reference
+from focal_jax.convert.reference import focal as focal_reference
 
 
 class ConvModule(nn.Module):
