@@ -4,6 +4,9 @@
     batches = train_iterator(builder, global_batch_size=1024, config=AugmentConfig(), seed=0)
     eval_ds, n = create_eval_dataset(builder, split="validation", global_batch_size=1024)
     images, targets = mixup_cutmix(key, batch["image"], batch["label"], num_classes(builder))
+
+Segmentation (`ade20k` from ADEChallengeData2016.zip, or `focal_digit_scenes`, no download):
+    batches = create_segmentation_input("ade20k", batch_size=16, train=True, manual_dir=DIR)
 """
 
 from focal_jax.data.augment import (
@@ -31,11 +34,19 @@ from focal_jax.data.input_pipeline import (
 )
 from focal_jax.data.mixup import MixupConfig, mixup_cutmix
 from focal_jax.data.randaugment import RandAugment
+from focal_jax.data.seg_augment import SegAugmentConfig
+from focal_jax.data.segmentation import (
+    SEGMENTATION_DATASETS,
+    create_segmentation_eval_dataset,
+    create_segmentation_input,
+    create_segmentation_train_dataset,
+)
 
 __all__ = [
     "IMAGENET_MANUAL_FILES", "IMAGENET_MEAN", "IMAGENET_STD", "AugmentConfig", "FocalDigits",
-    "ManualDownloadError", "MixupConfig", "RandAugment", "create_eval_dataset",
-    "create_train_dataset", "eval_transform", "get_builder", "local_batch_size", "mixup_cutmix",
+    "ManualDownloadError", "MixupConfig", "RandAugment", "SEGMENTATION_DATASETS",
+    "SegAugmentConfig", "create_eval_dataset", "create_segmentation_eval_dataset",
+    "create_segmentation_input", "create_segmentation_train_dataset", "create_train_dataset", "eval_transform", "get_builder", "local_batch_size", "mixup_cutmix",
     "num_classes", "random_erasing", "random_resized_crop_window", "records_per_epoch",
     "split_size", "train_iterator", "train_steps_per_epoch", "train_transform",
 ]
