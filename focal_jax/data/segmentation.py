@@ -104,6 +104,13 @@ def create_segmentation_eval_dataset(
   index, count = _process(process_index, process_count)
   shares = tfds.even_splits(split, n=count, drop_remainder=False)
   largest = split_size(builder, shares[0])  # even_splits puts the remainder first
+  size = config.crop_size
+  filler = {"image": tf.zeros([1, size, size, 3], tf.float32),
+            "label": tf.fill([1, size, size], tf.constant(IGNORE_LABEL, tf.int32)),
+            "mask": tf.constant([False])}
+  fillers = tf.data.Dataset.from_tensors(filler).repeat()
+  if builder.info.splits[shares[index]].num_examples == 0:  # more processes than images
+    return fillers.take(largest).with_options(_options(threads)), largest
   ds = builder.as_dataset(split=shares[index], shuffle_files=False,
                           decoders=skip_image_decoding(builder.info.features))
   transform = _traced_eval_transform(config)
@@ -115,11 +122,6 @@ def create_segmentation_eval_dataset(
   # Undecodable images are left out (fewer real elements than the split holds); fillers
   # make up for them too.
   ds = ds.map(_preprocess, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
-  size = config.crop_size
-  filler = {"image": tf.zeros([1, size, size, 3], tf.float32),
-            "label": tf.fill([1, size, size], tf.constant(IGNORE_LABEL, tf.int32)),
-            "mask": tf.constant([False])}
-  fillers = tf.data.Dataset.from_tensors(filler).repeat()
   ds = ds.concatenate(fillers).take(largest)
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(threads)), largest
 
