@@ -147,8 +147,12 @@ def test_ade20k_annotation_with_foreign_values_is_named(tmp_path):
   members = _members()
   members[f"{ROOT}/annotations/training/ADE_train_00000003.png"] = _png(
       np.full((36, 36), 151, np.uint8))
-  message = _prepare_error(tmp_path, members=members)
+  message = _prepare_error(tmp_path / "values", members=members)
   assert "ADE_train_00000003.png holds the value 151" in message
+  # A colour picture where the class map belongs (e.g. the full ADE20K's RGB-coded masks).
+  members[f"{ROOT}/annotations/training/ADE_train_00000003.png"] = _png(_photo(36, 36, 0))
+  message = _prepare_error(tmp_path / "colour", members=members)
+  assert "ADE_train_00000003.png has bit depth 8 and colour type 2" in message
 
 
 # ----------------------------------------------------------------------------------------
@@ -308,8 +312,9 @@ def test_eval_yields_each_image_once_at_the_test_scale_with_its_original_label(a
 
 def test_digit_scenes_are_deterministic_and_labelled_by_ink():
   rng = np.random.default_rng(0)
-  inks = np.zeros((2, 8, 8))
-  inks[:, 2:6, 3:5] = 1.0  # a bar of full ink
+  bars = np.zeros((2, 8, 8))
+  bars[:, 2:6, 3:5] = 1.0  # a bar of full ink
+  inks = digit_scenes.enlarged_inks(bars)
   image, label = digit_scenes.make_scene(rng, inks, np.array([3, 7], np.uint8))
   again = digit_scenes.make_scene(np.random.default_rng(0), inks, np.array([3, 7], np.uint8))
   np.testing.assert_array_equal(image, again[0])

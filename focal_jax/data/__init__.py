@@ -46,7 +46,8 @@ __all__ = [
     "IMAGENET_MANUAL_FILES", "IMAGENET_MEAN", "IMAGENET_STD", "AugmentConfig", "FocalDigits",
     "ManualDownloadError", "MixupConfig", "RandAugment", "SEGMENTATION_DATASETS",
     "SegAugmentConfig", "create_eval_dataset", "create_segmentation_eval_dataset",
-    "create_segmentation_input", "create_segmentation_train_dataset", "create_train_dataset", "eval_transform", "get_builder", "local_batch_size", "mixup_cutmix",
-    "num_classes", "random_erasing", "random_resized_crop_window", "records_per_epoch",
-    "split_size", "train_iterator", "train_steps_per_epoch", "train_transform",
+    "create_segmentation_input", "create_segmentation_train_dataset", "create_train_dataset",
+    "eval_transform", "get_builder", "local_batch_size", "mixup_cutmix", "num_classes",
+    "random_erasing", "random_resized_crop_window", "records_per_epoch", "split_size",
+    "train_iterator", "train_steps_per_epoch", "train_transform",
 ]

@@ -19,7 +19,6 @@ or one with values above 150 stops the preparation with one error naming the fil
 
 from __future__ import annotations
 
-import io
 import os
 import zipfile
 
@@ -89,35 +88,45 @@ def _pairs(archive: zipfile.ZipFile, path: str, folder: str) -> list[tuple[str, 
   return [(f"{image_dir}{stem}.jpg", f"{label_dir}{stem}.png") for stem in sorted(images)]
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_header(payload: bytes) -> tuple[int, int, int, int] | None:
+  """(width, height, bit depth, colour type) from a PNG's IHDR, or None if not a PNG."""
+  if len(payload) < 26 or not payload.startswith(PNG_SIGNATURE) or payload[12:16] != b"IHDR":
+    return None
+  return (int.from_bytes(payload[16:20], "big"), int.from_bytes(payload[20:24], "big"),
+          payload[24], payload[25])
+
+
 def _read_pair(archive: zipfile.ZipFile, path: str, image_name: str,
                label_name: str) -> tuple[bytes, np.ndarray]:
   """(JPEG bytes, reduced uint8 label [H, W, 1]) after checking both files."""
-  from PIL import Image  # noqa: PLC0415 (only needed when preparing)
+  import tensorflow as tf  # noqa: PLC0415 (only needed when preparing)
 
   image_bytes = archive.read(image_name)
+  if not tf.io.is_jpeg(image_bytes):
+    raise Ade20kError(f"{path}: {image_name} is not a JPEG file.")
   try:
-    with Image.open(io.BytesIO(image_bytes)) as image:
-      if image.format != "JPEG":
-        raise Ade20kError(f"{path}: {image_name} is a {image.format} file, expected a JPEG.")
-      image_size = image.size  # (width, height)
-  except Ade20kError:
-    raise
-  except Exception as error:
-    raise Ade20kError(f"{path}: {image_name} is not a readable image: {error}") from error
-  try:
-    with Image.open(io.BytesIO(archive.read(label_name))) as label_image:
-      label_image.load()
-      mode, label_size = label_image.mode, label_image.size
-      annotation = np.asarray(label_image)
-  except Exception as error:
-    raise Ade20kError(f"{path}: {label_name} is not a readable PNG: {error}") from error
-  if mode not in ("L", "P"):
-    raise Ade20kError(f"{path}: {label_name} has mode {mode}, expected an 8-bit single-channel "
-                      "class map (values 0-150).")
-  if label_size != image_size:
+    height, width = (int(v) for v in tf.image.extract_jpeg_shape(image_bytes)[:2])
+  except tf.errors.OpError as error:
+    raise Ade20kError(f"{path}: {image_name} is not a readable JPEG: {error.message}") from error
+  label_bytes = archive.read(label_name)
+  header = _png_header(label_bytes)
+  if header is None:
+    raise Ade20kError(f"{path}: {label_name} is not a PNG file.")
+  label_width, label_height, depth, colour_type = header
+  if (depth, colour_type) != (8, 0):
+    raise Ade20kError(f"{path}: {label_name} has bit depth {depth} and colour type "
+                      f"{colour_type}, expected an 8-bit greyscale class map (values 0-150).")
+  if (label_height, label_width) != (height, width):
     raise Ade20kError(
-        f"{path}: {label_name} is {label_size[0]}x{label_size[1]} (width x height) but its "
-        f"image {image_name} is {image_size[0]}x{image_size[1]}.")
+        f"{path}: {label_name} is {label_width}x{label_height} (width x height) but its "
+        f"image {image_name} is {width}x{height}.")
+  try:
+    annotation = tf.io.decode_png(label_bytes, channels=1).numpy()[..., 0]  # uint8 [H, W]
+  except tf.errors.OpError as error:
+    raise Ade20kError(f"{path}: {label_name} is not a readable PNG: {error.message}") from error
   if annotation.max(initial=0) > NUM_CLASSES:
     raise Ade20kError(f"{path}: {label_name} holds the value {int(annotation.max())}, expected "
                       f"class values 0-{NUM_CLASSES} (0 = other).")

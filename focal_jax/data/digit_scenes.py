@@ -30,24 +30,25 @@ DIGIT_SIZE = (16, 32)
 INK_THRESHOLD = 0.5
 
 
-def _enlarge(ink: np.ndarray, size: int) -> np.ndarray:
-  """float [8, 8] in [0, 1] -> float [size, size] in [0, 1], PIL bicubic."""
-  from PIL import Image  # noqa: PLC0415 (only needed when building)
+def enlarged_inks(inks: np.ndarray) -> dict[int, np.ndarray]:
+  """{size: float [N, size, size] in [0, 1]}: every digit bicubically enlarged to each size."""
+  import tensorflow as tf  # noqa: PLC0415 (TF only needed when building)
 
-  enlarged = Image.fromarray(ink.astype(np.float32), mode="F").resize(
-      (size, size), Image.Resampling.BICUBIC)
-  return np.clip(np.asarray(enlarged), 0.0, 1.0)
+  return {size: np.clip(tf.image.resize(inks[..., None].astype(np.float32), (size, size),
+                                        method="bicubic").numpy()[..., 0], 0.0, 1.0)
+          for size in range(DIGIT_SIZE[0], DIGIT_SIZE[1] + 1)}
 
 
-def make_scene(rng: np.random.Generator, inks: np.ndarray, labels: np.ndarray
+def make_scene(rng: np.random.Generator, inks: dict[int, np.ndarray], labels: np.ndarray
                ) -> tuple[np.ndarray, np.ndarray]:
-  """One scene: (uint8 [C, C, 3] image, uint8 [C, C] class map) from digits (inks, labels)."""
+  """One scene: (uint8 [C, C, 3] image, uint8 [C, C] class map) from digits (inks by size,
+  as `enlarged_inks` makes them, and labels)."""
   paper = rng.uniform(190, 255, size=3)
   image = np.broadcast_to(paper, (CANVAS, CANVAS, 3)).astype(np.float64)
   label = np.full((CANVAS, CANVAS), BACKGROUND, np.uint8)
   taken = np.zeros((CANVAS, CANVAS), bool)
   for _ in range(rng.integers(DIGITS_PER_SCENE[0], DIGITS_PER_SCENE[1] + 1)):
-    pick = rng.integers(len(inks))
+    pick = rng.integers(len(labels))
     size = int(rng.integers(DIGIT_SIZE[0], DIGIT_SIZE[1] + 1))
     colour = rng.uniform(0, 110, size=3)
     for _ in range(20):  # a free place, else the digit is left out
@@ -57,7 +58,7 @@ def make_scene(rng: np.random.Generator, inks: np.ndarray, labels: np.ndarray
     else:
       continue
     taken[top:top + size, left:left + size] = True
-    alpha = _enlarge(inks[pick], size)[..., None]  # [s, s, 1]
+    alpha = inks[size][pick][..., None]  # [s, s, 1]
     window = image[top:top + size, left:left + size]
     image[top:top + size, left:left + size] = window * (1 - alpha) + colour * alpha
     label[top:top + size, left:left + size][alpha[..., 0] > INK_THRESHOLD] = labels[pick]
@@ -74,7 +75,8 @@ def scenes(split: str) -> tuple[np.ndarray, np.ndarray]:
   in_test = digits.test_mask(source.target)
   keep = in_test if split == "test" else ~in_test
   rng = np.random.default_rng(SEEDS[split])
-  made = [make_scene(rng, inks[keep], labels[keep]) for _ in range(SCENES[split])]
+  enlarged = enlarged_inks(inks[keep])
+  made = [make_scene(rng, enlarged, labels[keep]) for _ in range(SCENES[split])]
   return np.stack([m[0] for m in made]), np.stack([m[1] for m in made])
 
 

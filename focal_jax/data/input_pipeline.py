@@ -372,4 +372,13 @@ def create_eval_dataset(
 
 
 def num_classes(builder: tfds.core.DatasetBuilder) -> int:
-  return builder.info.features["label"].num_classes
+  """Classes of a classification dataset (ClassLabel) or of a segmentation one (its builder's
+  NUM_CLASSES; the ignore label 255 not counted)."""
+  label = builder.info.features["label"]
+  if isinstance(label, tfds.features.ClassLabel):
+    return label.num_classes
+  count = getattr(builder, "NUM_CLASSES", None)
+  if count is None:
+    raise ValueError(f"{builder.name}'s label is neither a class label nor a class map of a "
+                     "known segmentation dataset; cannot tell its number of classes.")
+  return int(count)

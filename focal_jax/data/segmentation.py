@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from focal_jax.data import ade20k, digit_scenes, seg_augment
+from focal_jax.data import ade20k, digit_scenes, input_pipeline, seg_augment
 from focal_jax.data.input_pipeline import (
     _hide_accelerators_from_tf,
     _options,
@@ -48,11 +48,10 @@ SEGMENTATION_DATASETS = {
 
 def num_classes(builder: tfds.core.DatasetBuilder) -> int:
   """Classes of a segmentation builder (255, the ignore label, not counted)."""
-  count = getattr(builder, "NUM_CLASSES", None)
-  if count is None:
+  if builder.name not in SEGMENTATION_DATASETS:
     raise ValueError(f"{builder.name} is not a segmentation dataset; expected one of "
                      f"{', '.join(SEGMENTATION_DATASETS)}.")
-  return int(count)
+  return input_pipeline.num_classes(builder)
 
 
 @functools.cache
