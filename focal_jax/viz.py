@@ -14,7 +14,7 @@ rolls (border windows take ring tokens from the opposite border), then each pool
 unfolded neighbourhood of sub-windows. `attention_probabilities` recomputes the softmax of
 one query from the block's own parameters; nothing here changes the model.
 
-Focal-fast (v2) keys come from `models.key_sets` alone (`focal_fast_keys`): the query's
+Focal-fast keys come from `models.focal_fast.key_sets` alone (`focal_fast_keys`): the query's
 window takes the `top_k` stage pixels nearest to its centre (a disc, with the official
 tie order at its rim) and the `top_k` nearest pooled windows, whatever query of the
 window asks.
@@ -28,7 +28,8 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from focal_jax.models import index_tables, key_sets
+from focal_jax.models.focal import index_tables
+from focal_jax.models.focal_fast import key_sets
 from focal_jax.models.config import to_pair
 # The one reader of metrics.jsonl (also gs://) and the one figure of a run's curves.
 from focal_jax.training.metrics import plot_training_curves, read_metrics  # noqa: F401

@@ -25,7 +25,7 @@ import zipfile
 import numpy as np
 import tensorflow_datasets as tfds
 
-from focal_jax.data.input_pipeline import ManualDownloadError
+from focal_jax.data.manual import ManualDownloadError
 
 MANUAL_FILE = "ADEChallengeData2016.zip"
 ROOT = "ADEChallengeData2016"

@@ -39,14 +39,12 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from focal_jax.data import digits  # noqa: F401  (registers `focal_digits` with TFDS)
+# Imported to register `focal_digits`, `ade20k` and `focal_digit_scenes` with TFDS.
+from focal_jax.data import ade20k, digit_scenes, digits  # noqa: F401
 from focal_jax.data.augment import AugmentConfig, eval_transform, train_transform
+from focal_jax.data.manual import ManualDownloadError
 
 IMAGENET_MANUAL_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
-
-
-class ManualDownloadError(FileNotFoundError):
-  """The files a manual-download dataset (ImageNet) is prepared from are not there."""
 
 
 # ----------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from focal_jax.data import ade20k, digit_scenes, input_pipeline, seg_augment
+from focal_jax.data import digit_scenes, input_pipeline, seg_augment
 from focal_jax.data.input_pipeline import (
     _hide_accelerators_from_tf,
     _options,
@@ -165,7 +165,7 @@ def create_segmentation_input(
 
 
 __all__ = [
-    "IGNORE_LABEL", "SEGMENTATION_DATASETS", "SegAugmentConfig", "ade20k", "augment_config",
+    "IGNORE_LABEL", "SEGMENTATION_DATASETS", "SegAugmentConfig", "augment_config",
     "create_segmentation_eval_dataset", "create_segmentation_input",
     "create_segmentation_train_dataset", "num_classes",
 ]

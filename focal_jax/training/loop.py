@@ -41,7 +41,7 @@ from focal_jax.training.run_state import Run
 from focal_jax.training.train_step import make_train_step
 
 CHECKPOINT_DIR = weights.CHECKPOINT_DIR
-EXPORT_DIR = "export"
+EXPORT_DIR = weights.EXPORT_DIR
 # Steps dispatched but not yet read back (outside log, eval and save steps): enough to keep
 # the device busy while the host fetches the next batch.
 IN_FLIGHT = 2
@@ -56,8 +56,13 @@ class RunResult:
   eval_metrics: dict[str, Any]
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       read_checkpoint: ts.CheckpointReader = ts.read_export_only) -> RunResult:
   """Trains (or, with config.mode='eval', evaluates) as `config` says, in `workdir`.
+
+  `read_checkpoint` reads `config.init_from`: parameter exports by default; official weight
+  files with `focal_jax.read_checkpoint_params` (what `main.py` passes), which knows the
+  official names.
 
   Rerunning the same call resumes from the latest checkpoint in `<workdir>/checkpoints`
   (parameters, optimiser, EMA, step, RNG and data position) and ends where an uninterrupted
@@ -82,10 +87,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
   except BaseException:
     ckpt.close()
     raise
-  return _train(run, ckpt)
+  return _train(run, ckpt, read_checkpoint)
 
 
-def _train(run: Run, ckpt: checkpoint.Checkpointer) -> RunResult:
+def _train(run: Run, ckpt: checkpoint.Checkpointer,
+           read_checkpoint: ts.CheckpointReader) -> RunResult:
   config, workdir = run.config, run.workdir
   writer = None
   try:
@@ -94,7 +100,7 @@ def _train(run: Run, ckpt: checkpoint.Checkpointer) -> RunResult:
       params = None
       if config.init_from:  # fine-tuning: a fresh run starts from these weights
         params = ts.pretrained_params(run.spec, run.shardings.params, config.init_from,
-                                      tuple(config.init_from_exclude))
+                                      tuple(config.init_from_exclude), read_checkpoint)
         logging.info("Initialised from %s.", config.init_from)
       state, meta, last_saved = ts.create_train_state(
           run.spec, run.tx, run.shardings, run.mesh, config.seed, params), {}, None
