@@ -26,8 +26,9 @@ from focal_jax.training.tasks import segmentation as seg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_SEG = os.path.join(ROOT, "configs", "demo_seg.py")
-# configs/demo_seg.py shrunk: 32x32 crops, narrow heads, 4 steps of batch 4, a save every 2.
-SHRINK = {"image_size": 32, "batch_size": 4, "num_train_steps": 4, "warmup_steps": 2,
+# configs/demo_seg.py shrunk: 32x32 crops, narrow heads, 4 steps of batch 8 (one image on
+# each of the 8 CPU devices of conftest), a save every 2.
+SHRINK = {"image_size": 32, "batch_size": 8, "num_train_steps": 4, "warmup_steps": 2,
           "log_every_steps": 2, "eval_every_steps": 4, "checkpoint_every_steps": 2,
           "eval_steps": 3, "model.overrides.decode_channels": 16,
           "model.overrides.auxiliary_channels": 8}

@@ -92,8 +92,9 @@ class Run:
     """A checkpoint of another model is an error, not a silent shape mismatch."""
     saved = meta.get("model")
     mine = self.description
-    if saved is not None and (saved.get("model"), saved.get("num_classes"), saved.get("overrides")
-                              ) != (mine["model"], mine["num_classes"], mine["overrides"]):
+    fields = lambda d: (d.get("task", "classification"), d.get("model"),  # noqa: E731
+                        d.get("num_classes"), d.get("overrides"))
+    if saved is not None and fields(saved) != fields(mine):
       raise ValueError(
           f"The checkpoint in {where} is of another model: {json.dumps(saved)}; this config "
           f"builds {json.dumps(mine)}. Use another workdir, or a config for that model.")

@@ -19,6 +19,7 @@ accuracy go to `<workdir>/<prefix>_per_class.json`. Evaluation runs in one proce
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -237,13 +238,20 @@ def evaluator(run) -> Callable[..., dict[str, Any]]:
   """`evaluate(params, stats, prefix="eval")` -> {prefix}/mIoU, mAcc, aAcc, examples."""
   config = run.config
   seg = config.segmentation
+  spec = run.spec
+
+  @functools.partial(jax.jit, static_argnums=4)
+  def predict(params, stats, rest, image, output_size):
+    """Class map [1, H, W] of one image [1, h, w, 3]: one compiled call per shape."""
+    model = spec.merge(spec.eval_graphdef, params, stats, rest)
+    return segment(model, image, mode=seg.eval_mode, crop=seg.slide_crop,
+                   stride=seg.slide_stride, output_size=output_size)
 
   def evaluate_params(params: Any, stats: Any = None, prefix: str = "eval") -> dict[str, Any]:
     if jax.process_count() > 1:
       raise NotImplementedError(
           "Segmentation evaluation runs in one process (each image has its own size); "
           "evaluate the checkpoint with --config.mode=eval on one host.")
-    model = run.spec.merge(run.spec.eval_graphdef, params, stats, run.rest)
     data, _ = _data().create_segmentation_eval_dataset(
         run.builder, split=config.eval_split, config=augment_config(config),
         threads=config.data_threads or None)
@@ -256,9 +264,7 @@ def evaluator(run) -> Callable[..., dict[str, Any]]:
         if not element["mask"][0]:
           continue
         label = element["label"][0]  # [H, W]
-        prediction = segment(model, element["image"], mode=seg.eval_mode,
-                                       crop=seg.slide_crop, stride=seg.slide_stride,
-                                       output_size=label.shape)
+        prediction = predict(params, stats, run.rest, element["image"], label.shape)
         totals += intersect_and_union(np.asarray(prediction)[0], label, run.num_classes)
         examples += 1
     if examples == 0:
