@@ -249,3 +249,31 @@ def test_focal_fast_needs_whole_windows():
     assert out.shape == (1, img_size // 4, img_size // 4, 150)
   with pytest.raises(ValueError, match="multiples of 224"):
     focal_jax.create_segmenter("focalv2_tiny", 150, 512)
+
+
+def test_training_step_and_inference_are_gather_free():
+  """Padding, pyramid pooling, resizing, BatchNorm, the auxiliary head and their gradient;
+  then sliding-window inference with a scale and flip: no gather or scatter anywhere."""
+  from conftest import walk_primitives  # noqa: PLC0415
+  from test_no_gather import FORBIDDEN  # noqa: PLC0415
+
+  seg = focal_jax.create_segmenter(None, 5, (96, 160), **TINY)
+  seg.train()
+  graphdef, params, rest = nnx.split(seg, nnx.Param, ...)
+  x = jnp.zeros((2, 90, 150, 3))
+
+  def gradient(params, rest, x):
+    module = nnx.merge(graphdef, params, rest)
+    loss = lambda m, x: sum(logits.sum() for logits in m.forward_train(x))  # noqa: E731
+    return nnx.grad(loss, argnums=(nnx.DiffState(0, nnx.Param), 1))(module, x)
+
+  def inference(params, rest, x):
+    return focal_jax.segment(nnx.merge(graphdef, params, rest), x, mode="slide", crop=(64, 96),
+                             stride=(40, 60), scales=(1.0, 0.75), flip=True)
+
+  for name, jaxpr in (("training gradient", jax.make_jaxpr(gradient)(params, rest, x).jaxpr),
+                      ("inference", jax.make_jaxpr(inference)(params, rest, x).jaxpr)):
+    primitives = walk_primitives(jaxpr)
+    assert "dot_general" in primitives and "conv_general_dilated" in primitives
+    found = sorted({p for p in primitives if p in FORBIDDEN})
+    assert not found, f"{name} contains {found}"
