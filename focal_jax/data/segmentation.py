@@ -15,7 +15,8 @@ one), the image resized to the test scale (long, short) = (4 S, S) keeping its r
 Each process reads its share (`tfds.even_splits`) and all yield the same number of
 elements; the fillers that even them out have mask False, a zero image [1, S, S, 3] and an
 all-ignore label [1, S, S]. Shapes differ from image to image (and between processes): run
-the model per process on each element and resize its prediction to the label's size.
+the model per process on each element, resize its logits to the label's size (bilinear,
+align_corners=False, as mmseg) and take the argmax there.
 """
 
 from __future__ import annotations
