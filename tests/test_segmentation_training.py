@@ -139,4 +139,12 @@ def test_readme_demo_command_runs_to_its_end_and_resumes_exactly(tmp_path):
   assert strip(metrics.read_metrics(workdir)) == strip(records)
   again = ts.model_variables(jax.device_get(result.state.params),
                              jax.device_get(result.state.batch_stats))
-  jax.tree.map(np.testing.assert_array_equal, again, jax.device_get(exported))
+  assert _flat(again).keys() == _flat(exported).keys()
+  for name, value in _flat(again).items():
+    np.testing.assert_array_equal(value, _flat(exported)[name], err_msg=name)
+
+
+def _flat(tree) -> dict[str, np.ndarray]:
+  """{'a.0.b': array}: exports read back with string keys where the model has integers."""
+  return {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path):
+          np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
