@@ -17,7 +17,6 @@ import jax
 import ml_collections
 from flax import nnx
 
-from focal_jax import weights
 from focal_jax.training import checkpoint, sharding
 from focal_jax.training import train_state as ts
 from focal_jax.training.tasks import get_task

@@ -13,7 +13,7 @@ shared and asks the task:
     task.batch_keys, task.abstract_batch(config, batch_size, sharding)
     task.train_hooks(config, spec, mesh)          # StepHooks(prepare, loss) for the step
     task.decay_mask(spec)                         # params -> bools: where weight decay applies
-    task.pretrained_params(spec, shardings, source, exclude)
+    task.pretrained_params(spec, shardings, source, exclude, read_checkpoint)
     task.evaluator(run)                           # (params, stats, prefix) -> records
 """
 
