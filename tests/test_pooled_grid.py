@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from focal_jax.models import index_tables, pooled_grid, windows
-from focal_jax.models.attention import FocalWindowAttention
+from focal_jax.models.focal import index_tables, pooled_grid, windows
+from focal_jax.models.focal.attention import FocalWindowAttention
 
 
 @pytest.mark.parametrize("num_windows, focal_window, level",

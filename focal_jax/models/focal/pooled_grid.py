@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from focal_jax.models import index_tables
+from focal_jax.models.focal import index_tables
 
 # A level attends over its whole grid while the grid has at most this many times the
 # keys of a window's neighbourhood; beyond it (large inputs) it is cut per window.
