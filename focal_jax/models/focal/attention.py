@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from focal_jax.models.focal import index_tables, pooled_grid, windows
+from focal_jax.models.focal import index_tables, windows
 from focal_jax.models.layers import axes, dense, trunc_normal
 
 
@@ -227,63 +227,23 @@ class FocalWindowAttention(nnx.Module):
 
     q = windows_and_heads(0).reshape(batch, n_rows, n_cols, heads, ws * ws, head_dim)
     q = q * jnp.asarray(self.scale, q.dtype)
-    k_ring = windows.expand_windows(windows_and_heads(1), ws, self.expand_size)  # [.., side**2, hd]
-    v_ring = windows.expand_windows(windows_and_heads(2), ws, self.expand_size)
-    pooled_kv = [self.qkv(p)[..., dim:] for p in pooled]  # [B, nWh*2**k, nWw*2**k, 2C] each
+    keys = [windows.expand_windows(windows_and_heads(1), ws, self.expand_size)]  # [.., side**2, hd]
+    values = [windows.expand_windows(windows_and_heads(2), ws, self.expand_size)]
+    for level, pooled_map in enumerate(pooled):
+      kv = self.qkv(pooled_map)[..., dim:]  # [B, nWh*2**k, nWw*2**k, 2C]
+      kv = windows.unfold_neighbourhood(kv, self.focal_window, level)  # [B, nWh, nWw, K, 2C]
+      kv = kv.reshape(*kv.shape[:4], 2, heads, head_dim).transpose(4, 0, 1, 2, 5, 3, 6)
+      keys.append(kv[0])  # [B, nWh, nWw, nH, K, hd]
+      values.append(kv[1])
+    k = jnp.concatenate(keys, axis=4)  # [B, nWh, nWw, nH, keys, hd]
+    v = jnp.concatenate(values, axis=4)
+
     mask = self.static_mask((n_rows, n_cols), shift_mask)[:, :, None]  # [nWh, nWw, 1, *, keys]
     bias = self.position_bias() + mask  # [nWh, nWw, nH, ws*ws or 1, keys], float32
-    dropout = not (self.attn_drop.rate == 0.0 or self.attn_drop.deterministic)
-
-    def unfolded(q, k_ring, v_ring, *pooled_kv):
-      keys, values = [k_ring], [v_ring]
-      for level, kv in enumerate(pooled_kv):
-        kv = windows.unfold_neighbourhood(kv, self.focal_window, level)  # [B, nWh, nWw, K, 2C]
-        kv = kv.reshape(*kv.shape[:4], 2, heads, head_dim).transpose(4, 0, 1, 2, 5, 3, 6)
-        keys.append(kv[0])  # [B, nWh, nWw, nH, K, hd]
-        values.append(kv[1])
-      k = jnp.concatenate(keys, axis=4)  # [B, nWh, nWw, nH, keys, hd]
-      v = jnp.concatenate(values, axis=4)
-      if dropout:  # differentiated by JAX
-        return softmax_attention(q, k, v, bias, self.attn_drop)[0]
-      return attend(q, k, v, bias)  # [B, nWh, nWw, nH, ws*ws, hd]
-
-    def on_grids(q, k_ring, v_ring, *pooled_kv):
-      return self._attend_pooled_grids(q, k_ring, v_ring, pooled_kv, bias)
-
-    grids = [pooled_grid.use_grid((n_rows, n_cols), self.focal_window, level)
-             for level in range(len(pooled))]
-    if dropout or not any(grids):
-      out = unfolded(q, k_ring, v_ring, *pooled_kv)
-    else:  # TPU programs attend over whole pooled grids (see `pooled_grid`)
-      out = jax.lax.platform_dependent(q, k_ring, v_ring, *pooled_kv, tpu=on_grids,
-                                       default=unfolded)
+    if self.attn_drop.rate == 0.0 or self.attn_drop.deterministic:
+      out = attend(q, k, v, bias)  # [B, nWh, nWw, nH, ws*ws, hd]
+    else:  # differentiated by JAX
+      out = softmax_attention(q, k, v, bias, self.attn_drop)[0]
     out = out.reshape(batch, n_rows, n_cols, heads, ws, ws, head_dim)
     out = out.transpose(0, 1, 4, 2, 5, 3, 6).reshape(batch, height, width, dim)
     return self.proj_drop(self.proj(out))
-
-  def _attend_pooled_grids(self, q: jnp.ndarray, k_ring: jnp.ndarray, v_ring: jnp.ndarray,
-                           pooled_kv: Sequence[jnp.ndarray], bias: jnp.ndarray) -> jnp.ndarray:
-    """`attend` over the ring and the pooled levels, each level whose grid is small enough
-    taken whole and shared by all windows (`pooled_grid`): [B, nWh, nWw, nH, ws*ws, hd].
-
-    bias: [nWh, nWw, nH, ws*ws, keys] of the unfolded key set (ring, then each level).
-    """
-    batch, n_rows, n_cols, heads, _, head_dim = q.shape
-    start = k_ring.shape[4]
-    ring = [(k_ring, v_ring, bias[..., :start])]  # the ring and the levels cut per window
-    groups = []
-    for level, kv in enumerate(pooled_kv):
-      keys = index_tables.pooled_keys_per_window(self.focal_window, level)
-      slot_bias = bias[..., start:start + keys]
-      start += keys
-      if pooled_grid.use_grid((n_rows, n_cols), self.focal_window, level):
-        kv = kv.reshape(batch, -1, 2, heads, head_dim).transpose(2, 0, 3, 1, 4)  # [2, B, nH, grid, hd]
-        groups.append((kv[0], kv[1], pooled_grid.grid_bias(slot_bias, (n_rows, n_cols),
-                                                           self.focal_window, level)))
-      else:
-        kv = windows.unfold_neighbourhood(kv, self.focal_window, level)  # [B, nWh, nWw, K, 2C]
-        kv = kv.reshape(*kv.shape[:4], 2, heads, head_dim).transpose(4, 0, 1, 2, 5, 3, 6)
-        ring.append((kv[0], kv[1], slot_bias))
-    ring_group = tuple(jnp.concatenate(parts, axis=-2 if i < 2 else -1)
-                       for i, parts in enumerate(zip(*ring)))
-    return pooled_grid.attend_groups(q, [ring_group, *groups])
