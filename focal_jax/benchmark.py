@@ -4,6 +4,11 @@
     python -m focal_jax.benchmark --sweep --mode inference        # 224, 448, 896
     python -m focal_jax.benchmark --sweep --sizes 32,64 --tiny --mode inference   # seconds
     python -m focal_jax.benchmark --tiny --img-size 64 --batch 2 --repeats 2   # seconds
+    python -m focal_jax.benchmark --mode input    # host input pipeline vs timm's loader
+
+`--mode input` measures the host side instead: training images per second per CPU core of
+the project's tf.data pipeline and of timm's DataLoader on the same JPEGs
+(`focal_jax.data.throughput`, whose options it takes: `--data DIR`, `--cores N`, ...).
 
 For each framework and mode the measurement runs in a fresh worker process (this module
 with `--worker`), so that the peak resident memory (`ru_maxrss`) of one measurement is
@@ -448,7 +453,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   parser.add_argument("--repeats", type=int, default=5, help="timed calls (median reported)")
   parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
-  parser.add_argument("--mode", choices=("inference", "train", "both"), default="both")
+  parser.add_argument("--mode", choices=("inference", "train", "both", "input"), default="both",
+                      help="input: host input throughput (options: python -m "
+                           "focal_jax.data.throughput --help)")
   parser.add_argument("--sweep", action="store_true",
                       help="inference at each of --sizes (--img-size: only for --mode train/both)")
   parser.add_argument("--sizes", type=_sizes, default=SWEEP_SIZES, metavar="S1,S2,...",
@@ -462,7 +469,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            "use less than 0.25 CPU cores (shared machines)")
   parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
   parser.add_argument("--worker-mode", choices=("inference", "train"), help=argparse.SUPPRESS)
-  args = parser.parse_args(argv)
+  args, rest = parser.parse_known_args(argv)
+  args.input_argv = rest  # the options of focal_jax.data.throughput, for --mode input
+  if rest and args.mode != "input":
+    parser.error(f"unrecognized arguments: {' '.join(rest)}")
+  if args.mode == "input":
+    return args
   if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
     parser.error("--batch and --repeats must be >= 1 and --warmup >= 0.")
   if args.worker:  # checked by the parent; a worker imports only what it measures
@@ -481,8 +493,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   return args
 
 
-def main(argv: list[str] | None = None) -> list[Result]:
+def main(argv: list[str] | None = None) -> list:
+  """Model measurements (list of Result), or with --mode input the input throughput
+  measurements (list of focal_jax.data.throughput.InputResult)."""
   args = parse_args(argv)
+  if args.mode == "input":
+    from focal_jax.data import throughput  # noqa: PLC0415  (imports TensorFlow)
+
+    return throughput.main(args.input_argv)
   if args.worker:  # inside a worker process: one measurement, one JSON line
     result = (run_jax if args.worker == "jax" else run_torch)(args)
     print(_RESULT_MARK + json.dumps(dataclasses.asdict(result)), flush=True)

@@ -228,17 +228,37 @@ def create_train_dataset(
   index, count = _process(process_index, process_count)
   local = local_batch_size(global_batch_size, count)
   steps = train_steps_per_epoch(builder, split, global_batch_size, count)
-  records_per_epoch = steps * local  # the last partial batch of the share is dropped
-  if start_position is None:
-    start_epoch, within = divmod(start_step, steps)
-    start_position = (start_epoch, within * local)
-  start_epoch, start_record = normalize_position(start_position, records_per_epoch)
   # Records in file order (TFDS shuffled them globally when it wrote the files).
   records = builder.as_dataset(
       split=train_split_for_process(split, index, count), shuffle_files=False,
       decoders={"image": tfds.decode.SkipDecoding()},
       read_config=tfds.ReadConfig(try_autocache=False))
   records = records.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
+  return train_batches_from_records(
+      records, records_per_epoch=steps * local, local_batch_size=local, config=config,
+      seed=seed, start_step=start_step, start_position=start_position,
+      shuffle_buffer=shuffle_buffer, process_index=index, threads=threads,
+      with_positions=with_positions, name=f"split {split!r} of {builder.name}")
+
+
+def train_batches_from_records(
+    records: tf.data.Dataset, *, records_per_epoch: int, local_batch_size: int,
+    config: AugmentConfig = AugmentConfig(), seed: int = 0, start_step: int = 0,
+    start_position: tuple[int, int] | None = None, shuffle_buffer: int = 10_000,
+    process_index: int = 0, threads: int | None = None, with_positions: bool = False,
+    name: str = "the records",
+) -> tf.data.Dataset:
+  """The training pipeline of `create_train_dataset` over `records` ({"image": encoded
+  bytes, "label"}, one process's share in file order): shuffled, augmented, batched.
+
+  An epoch is the first `records_per_epoch` records; `name` says what they are in errors.
+  """
+  index, local = process_index, local_batch_size
+  steps = records_per_epoch // local
+  if start_position is None:
+    start_epoch, within = divmod(start_step, steps)
+    start_position = (start_epoch, within * local)
+  start_epoch, start_record = normalize_position(start_position, records_per_epoch)
   transform = _traced_train_transform(config)
   size = config.image_size
 
@@ -263,7 +283,7 @@ def create_train_dataset(
     is_end = example["position"] < 0
     nothing = is_end & (decoded == 0) & (tf.cast(example["label"], tf.int64) == records_per_epoch)
     check = tf.debugging.Assert(tf.logical_not(nothing), [
-        f"No image of a whole epoch of split {split!r} of {builder.name} (process {index}) "
+        f"No image of a whole epoch of {name} (process {index}) "
         "could be decoded; check the dataset files and their image format. Epoch:",
         example["epoch"]])
     with tf.control_dependencies([check]):
