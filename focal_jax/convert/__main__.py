@@ -5,7 +5,9 @@
 
 CKPT is a training workdir (its latest checkpoint; `--ema` takes the EMA parameters) or a
 parameter export (a directory with model.json and params/). `.safetensors` works wherever
-`.pth` does, without PyTorch. Official-name options (`--set use_conv_embed=True`) and
+`.pth` does, without PyTorch. FocalNet weights may also come in timm's or transformers'
+layout (`FocalNetForImageClassification`'s .safetensors or .bin); to-torch writes the
+official one. Official-name options (`--set use_conv_embed=True`) and
 `--img-size` describe the PyTorch model for from-torch.
 """
 
@@ -23,7 +25,7 @@ from flax import nnx
 
 from focal_jax import storage, weights
 from focal_jax.convert.state_dict import from_torch_state_dict, to_torch_state_dict
-from focal_jax.models import VARIANTS
+from focal_jax.models import MODEL_NAMES
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
@@ -83,13 +85,13 @@ def main(argv: list[str] | None = None) -> None:
                                    description=__doc__.splitlines()[0])
   commands = parser.add_subparsers(dest="command", required=True)
   out = commands.add_parser("to-torch", help="focal_jax checkpoint -> official .pth/.safetensors")
-  out.add_argument("--model", choices=sorted(VARIANTS), help="expected variant (checked)")
+  out.add_argument("--model", choices=sorted(MODEL_NAMES), help="expected variant (checked)")
   out.add_argument("--checkpoint", required=True, help="training workdir or parameter export")
   out.add_argument("--output", required=True, help="out.pth or out.safetensors")
   out.add_argument("--ema", action="store_true", help="export the EMA parameters of a workdir")
   out.set_defaults(run=to_torch)
   into = commands.add_parser("from-torch", help="official .pth/.safetensors -> parameter export")
-  into.add_argument("--model", required=True, choices=sorted(VARIANTS))
+  into.add_argument("--model", required=True, choices=sorted(MODEL_NAMES))
   into.add_argument("--checkpoint", required=True, help="in.pth or in.safetensors")
   into.add_argument("--output", required=True, help="directory for the parameter export")
   into.add_argument("--img-size", type=int, nargs="+", default=[224],

@@ -14,8 +14,8 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from focal_jax.models.layers import (axes, conv, dense, gelu, layer_norm,
-                                     torch_default_uniform)
+from focal_jax.models import layers
+from focal_jax.models.layers import axes, conv, dense, layer_norm, torch_default_uniform
 
 
 def depthwise_conv(dim: int, kernel: int, *, dtype: Any, rngs: nnx.Rngs) -> nnx.Conv:
@@ -53,9 +53,9 @@ class FocalModulation(nnx.Module):
                      projected[..., 2 * dim:])
     ctx_all = jnp.zeros_like(ctx)
     for level, focal_conv in enumerate(self.focal_layers):
-      ctx = gelu(focal_conv(ctx))
+      ctx = layers.gelu(focal_conv(ctx))
       ctx_all = ctx_all + ctx * gates[..., level:level + 1]
-    ctx_global = gelu(ctx.mean(axis=(1, 2), keepdims=True))  # [B, 1, 1, C]
+    ctx_global = layers.gelu(ctx.mean(axis=(1, 2), keepdims=True))  # [B, 1, 1, C]
     ctx_all = ctx_all + ctx_global * gates[..., levels:]
     if self.normalize_modulator:
       ctx_all = ctx_all / (levels + 1)
