@@ -12,7 +12,8 @@ from flax import nnx
 import focal_jax
 from focal_jax import convert, pretrained
 from focal_jax.convert import __main__ as cli
-from focal_jax.convert import files, focalnet_names
+from focal_jax.convert import focalnet_names
+from focal_jax.weights import files
 
 NAME = "focalnet_huge_fl4"  # post-norms, layer scale, norm in the modulation, conv embedding
 TINY = dict(embed_dim=8, depths=(1, 1, 2, 1), num_classes=5, img_size=64)

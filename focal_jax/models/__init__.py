@@ -9,7 +9,15 @@ from focal_jax.models.focal_transformer import create_model as create_focal_tran
 from focal_jax.models.focalnet import FocalNet, FocalNetConfig
 
 FOCALNET_VARIANTS = focalnet.VARIANTS
-MODEL_NAMES = (*VARIANTS, *FOCALNET_VARIANTS)  # every registered name, both families
+ALL_VARIANTS = {**VARIANTS, **FOCALNET_VARIANTS}  # every registered name, both families
+MODEL_NAMES = tuple(ALL_VARIANTS)
+
+
+def make_model_config(name: str | None = None, **overrides: Any) -> FocalConfig | FocalNetConfig:
+  """The checked config of the variant `name` of either family (see `create_model`)."""
+  if name in FOCALNET_VARIANTS:
+    return focalnet.make_focalnet_config(name, **overrides)
+  return make_config(name, **overrides)
 
 
 def create_model(name: str | None = "focal_tiny", num_classes: int = 1000, img_size: Any = 224,
@@ -20,6 +28,6 @@ def create_model(name: str | None = "focal_tiny", num_classes: int = 1000, img_s
   return build(name, num_classes=num_classes, img_size=img_size, seed=seed, **overrides)
 
 
-__all__ = ["FOCALNET_VARIANTS", "FocalConfig", "FocalNet", "FocalNetConfig", "FocalStage",
+__all__ = ["ALL_VARIANTS", "FOCALNET_VARIANTS", "FocalConfig", "FocalNet", "FocalNetConfig", "FocalStage",
            "FocalTransformer", "MODEL_NAMES", "OFFICIAL_PARAM_COUNTS", "VARIANTS",
-           "create_model", "make_config"]
+           "create_model", "make_config", "make_model_config"]

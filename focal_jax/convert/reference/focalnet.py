@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from focal_jax.convert.reference import DropPath, trunc_normal_
+from focal_jax.convert.reference.focal import DropPath, trunc_normal_
 
 
 class Mlp(nn.Module):
@@ -170,6 +170,13 @@ class FocalNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool1d(1)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
+
+    def no_weight_decay(self) -> set[str]:
+        return {""}
+
+    def no_weight_decay_keywords(self) -> set[str]:
+        """As officially: the empty keyword is in every name, so no parameter decays."""
+        return {""}
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
