@@ -33,17 +33,13 @@ def param_count(model) -> int:
 
 
 @pytest.mark.parametrize("name", sorted(focalnet.VARIANTS))
-def test_parameter_counts_are_the_official_ones(name):
+def test_parameter_counts_and_flops_are_the_official_ones(name):
   count, classes = focalnet.OFFICIAL_PARAM_COUNTS[name]
   model = nnx.eval_shape(lambda: focal_jax.create_model(name, num_classes=classes))
   assert isinstance(model, focalnet.FocalNet)
   assert param_count(model) == count
-
-
-@pytest.mark.parametrize("name", sorted(OFFICIAL_FLOPS))
-def test_flops_are_the_official_count(name):
-  model = nnx.eval_shape(lambda: focal_jax.create_model(name))
-  assert official_macs(model) == OFFICIAL_FLOPS[name]
+  head_macs = model.config.num_features * (classes - 1000)  # OFFICIAL_FLOPS: 1000 classes
+  assert official_macs(model) - head_macs == OFFICIAL_FLOPS[name]
 
 
 def test_stage_maps_and_logits_at_two_sizes():

@@ -119,10 +119,6 @@ def foreign_key(key: str, layout: str, use_postln: bool) -> str:
   return key
 
 
-def _shape(value: Any) -> tuple[int, ...]:
-  return tuple(np.shape(value)) if not hasattr(value, "shape") else tuple(value.shape)
-
-
 def to_official(state_dict: Mapping[str, Any], model: FocalNet) -> dict[str, Any]:
   """A timm or transformers state_dict renamed (and 1x1 convs reshaped to Linear weights)
   to the official layout; an official one is returned as is. Keys that belong to no
@@ -142,8 +138,8 @@ def to_official(state_dict: Mapping[str, Any], model: FocalNet) -> dict[str, Any
     if layout == HUGGING_FACE and key.removeprefix(HF_PREFIX) == "embeddings.mask_token":
       continue  # FocalNetForMaskedImageModeling's token, no part of the classifier
     official = official_names.get(key, key)
-    if layout == TIMM and _TIMM_CONV_1X1.search(key) and len(_shape(value)) == 4:
-      value = value.reshape(_shape(value)[:2])  # [out, in, 1, 1] -> [out, in]
+    if layout == TIMM and _TIMM_CONV_1X1.search(key) and len(value.shape) == 4:
+      value = value.reshape(tuple(value.shape[:2]))  # [out, in, 1, 1] -> [out, in]
     result[official] = value
   return result
 
