@@ -26,8 +26,9 @@ replica of them to do the same work, and they cost a few elementwise passes over
 (the loss stays the soft-target cross-entropy of smoothed labels). Compile time is
 `lower()` + `compile()` of the step; the compiled step is then called through the same
 jitted function, and any further backend compilation is counted (it must be zero).
-PyTorch: the reference model (`convert.reference.focal`, or `convert.reference.fast` for
-the focalv2_* models) in eval mode under `torch.inference_mode`, and the same training
+PyTorch: the reference model (`convert.reference.focal`, `convert.reference.fast` for
+the focalv2_* models, `convert.reference.focalnet` for the focalnet_* ones)
+in eval mode under `torch.inference_mode`, and the same training
 step as the official training script takes it: cross-entropy with the same label
 smoothing, `clip_grad_norm_`, `torch.optim.AdamW` with the official decay / no-decay
 parameter groups, on `torch.set_num_threads(cores)` threads.
@@ -49,6 +50,7 @@ from typing import Any, Callable
 # A narrow, shallow model that is still structurally complete (rings and pooled levels).
 TINY_OVERRIDES = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4),
                       focal_levels=(2, 2, 2, 2))
+FOCALNET_TINY_OVERRIDES = dict(embed_dim=16, depths=(1, 1, 1, 1))
 SWEEP_SIZES = (224, 448, 896)
 _RESULT_MARK = "BENCHMARK_RESULT "
 
@@ -142,7 +144,11 @@ def _timed_calls(call: Callable[[], Any], warmup: int, repeats: int) -> Timing:
 
 
 def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
-  return dict(TINY_OVERRIDES) if args.tiny else {}
+  if not args.tiny:
+    return {}
+  from focal_jax.models import FOCALNET_VARIANTS
+
+  return dict(FOCALNET_TINY_OVERRIDES if args.model in FOCALNET_VARIANTS else TINY_OVERRIDES)
 
 
 # --------------------------------------------------------------------------- JAX
@@ -243,15 +249,15 @@ def run_jax(args: argparse.Namespace) -> Result:
 
 
 def reference_config(args: argparse.Namespace) -> Any:
-  """The FocalConfig of the benchmarked variant (official constructor arguments)."""
-  from focal_jax.models import make_config
+  """The config of the benchmarked variant (official constructor arguments)."""
+  from focal_jax.models import make_model_config
 
-  return make_config(args.model, num_classes=args.num_classes, img_size=args.img_size,
+  return make_model_config(args.model, num_classes=args.num_classes, img_size=args.img_size,
                      **model_overrides(args))
 
 
 def torch_reference(config: Any) -> Any:
-  """The PyTorch reference of `config`'s family (Focal-fast or the Focal Transformer)."""
+  """The PyTorch reference of `config`'s family (FocalNet, Focal-fast or the Focal Transformer)."""
   from focal_jax.convert.reference import reference_model
 
   return reference_model(config)
@@ -479,7 +485,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.error("--batch and --repeats must be >= 1 and --warmup >= 0.")
   if args.worker:  # checked by the parent; a worker imports only what it measures
     return args
-  from focal_jax.models import make_config
+  from focal_jax.models import make_model_config
 
   checks = [("--model", args.model, {})]  # the variant, then every size, before any worker
   checks += [("--sizes", size, {"img_size": size}) for size in args.sizes] if args.sweep else []
@@ -487,7 +493,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     checks.append(("--img-size", args.img_size, {"img_size": args.img_size}))
   for flag, value, size in checks:
     try:
-      make_config(args.model, num_classes=args.num_classes, **size, **model_overrides(args))
+      make_model_config(args.model, num_classes=args.num_classes, **size, **model_overrides(args))
     except ValueError as error:
       parser.error(f"{flag} {value}: {error}")
   return args
