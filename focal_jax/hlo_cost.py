@@ -336,7 +336,7 @@ class HloModule:
       for ins in self.computations.get(computation, []):
         if ins.opcode not in ("while", "call", "conditional", "async-start"):
           continue
-        trips = re.search(r'known_trip_count=\{"?n"?:"?(\d+)', ins.attributes)
+        trips = re.search(r'known_trip_count"?[=:]\{"?n"?:"?(\d+)', ins.attributes)
         times = runs[computation] * (int(trips.group(1)) if trips and ins.opcode == "while"
                                      else 1)
         for called in self._called(ins):

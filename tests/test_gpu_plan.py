@@ -103,5 +103,5 @@ def test_other_processes_do_not_see_the_plugin():
   backend and `import jax` prints nothing."""
   assert cuda_compiler.plan_dir().is_dir(), "./setup.sh installs the gpu-plan packages"
   result = _python("import jax; print(jax.devices())", JAX_PLATFORMS="")
-  assert result.returncode == 0 and result.stdout.strip() == "[CpuDevice(id=0)]"
+  assert result.returncode == 0 and result.stdout.startswith("[CpuDevice(id=0)")
   assert "plugin" not in result.stderr.lower() and "cuda" not in result.stderr.lower()
