@@ -13,6 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF is only the input pipel
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+import focal_jax  # noqa: E402
 from focal_jax.training import train_and_evaluate  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -25,7 +26,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  # Official weight files in init_from need the official names: the package's reader.
+  train_and_evaluate(FLAGS.config, FLAGS.workdir, focal_jax.read_checkpoint_params)
 
 
 if __name__ == "__main__":

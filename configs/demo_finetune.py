@@ -11,20 +11,13 @@ loaded except the head, re-initialised because its shape differs (a warning name
 `--config.init_from=` (empty) trains the same steps from scratch, for comparison.
 """
 
-import importlib.util
 import os
 
-
-def _demo_config():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
-  spec = importlib.util.spec_from_file_location("focal_jax_demo_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from focal_jax.training.config import load_config_file
 
 
 def get_config():
-  config = _demo_config()
+  config = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py"))
   config.dataset = "focal_digits"  # all ten digits
   config.init_from = ""  # required: --config.init_from=EXPORT_OR_FILE
   config.num_train_steps = 11  # half an epoch

@@ -44,7 +44,8 @@ from focal_jax.accelerators import GPU_CARDS, TPU_GENERATIONS, TpuGeneration  # 
 from focal_jax.models.flops import xla_flops  # noqa: E402
 from focal_jax.training import memory, sharding  # noqa: E402
 from focal_jax.training import train_state as ts  # noqa: E402
-from focal_jax.training.config import default_config, validate_config  # noqa: E402
+from focal_jax.training.config import (default_config, load_config_file,  # noqa: E402
+                                       validate_config)
 from focal_jax.training.train_step import step_setup  # noqa: E402
 
 GIB = memory.GIB
@@ -143,12 +144,10 @@ def load_config(path: str | None) -> ml_collections.ConfigDict:
   """`get_config()` of a configs/*.py file, or the default (official Focal-T) recipe."""
   if not path:
     return default_config()
-  module_spec = importlib.util.spec_from_file_location("focal_jax_aot_config", path)
-  if module_spec is None or module_spec.loader is None:
-    raise AotError(f"--config {path}: not a Python config file (expected configs/*.py).")
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config()
+  try:
+    return load_config_file(path)
+  except (FileNotFoundError, ValueError) as error:
+    raise AotError(f"--config {path}: {error}") from error
 
 
 def step_config(base: ml_collections.ConfigDict, args: argparse.Namespace, chips: int,

@@ -10,15 +10,23 @@ with `--worker`), so that the peak resident memory (`ru_maxrss`) of one measurem
 not that of another, and XLA's and PyTorch's thread pools never compete. Each worker
 builds the model, warms up, times `--repeats` calls and reports medians as JSON.
 
-JAX: inference is a jitted eval-mode forward; the training step is forward, backward and
-an optax AdamW update, jitted with the parameters and optimiser state donated. Compile
-time is `lower()` + `compile()` of that function; the compiled step is then called
-through the same jitted function, and any further backend compilation is counted (it
-must be zero). PyTorch: the reference model (`convert.reference`, or `convert.reference_v2`
-for the focalv2_* models) in eval mode under `torch.inference_mode`, and a training step
-with `torch.optim.AdamW`, on `torch.set_num_threads(cores)` threads.
+JAX: inference is a jitted eval-mode forward. The training step is the project's own
+`training.train_step` (what `main.py` runs), built by `train_step.step_setup` from
+`train_config`: the official recipe of `training.config.default_config()` (optimiser of
+`training.optim`: global-norm clipping at 5, AdamW with the official weight-decay mask,
+warmup + cosine schedule; label smoothing 0.1; no EMA) with the benchmarked model, image
+size, batch and dtype, on a one-device mesh, the state donated. One departure, for the
+comparison: mixup/cutmix are off (`mixup.prob` 0), because the PyTorch side would need a
+replica of them to do the same work, and they cost a few elementwise passes over the input
+(the loss stays the soft-target cross-entropy of smoothed labels). Compile time is
+`lower()` + `compile()` of the step; the compiled step is then called through the same
+jitted function, and any further backend compilation is counted (it must be zero).
+PyTorch: the reference model (`convert.reference.focal`, or `convert.reference.fast` for
+the focalv2_* models) in eval mode under `torch.inference_mode`, and the same training
+step as the official training script takes it: cross-entropy with the same label
+smoothing, `clip_grad_norm_`, `torch.optim.AdamW` with the official decay / no-decay
+parameter groups, on `torch.set_num_threads(cores)` threads.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -135,14 +143,36 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------- JAX
 
 
+def train_config(args: argparse.Namespace) -> Any:
+  """The training config whose step is timed: the official recipe (`default_config()`) with
+  the benchmarked model, size, batch and dtype, one device, mixup/cutmix off (module
+  docstring: why). The model keeps its variant's drop path, as the PyTorch reference does."""
+  import ml_collections
+
+  from focal_jax.training.config import default_config, validate_config
+
+  config = default_config()
+  config.model.name = args.model
+  config.model.overrides = ml_collections.ConfigDict(model_overrides(args))
+  config.image_size = args.img_size
+  config.batch_size = args.batch
+  config.dtype = args.dtype
+  config.mixup.prob = 0.0
+  config.mesh.data, config.mesh.fsdp = 1, 1
+  validate_config(config)
+  return config
+
+
 def run_jax(args: argparse.Namespace) -> Result:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  import optax
   from flax import nnx
 
   import focal_jax
+  from focal_jax.training import sharding
+  from focal_jax.training import train_state as ts
+  from focal_jax.training.train_step import step_setup
 
   base_rss = _rss_mb()
   compiles = []
@@ -150,50 +180,37 @@ def run_jax(args: argparse.Namespace) -> Result:
       lambda event, duration, **kw: compiles.append(event)
       if event == "/jax/core/compile/backend_compile_duration" else None)
 
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
-  model = focal_jax.create_model(args.model, num_classes=args.num_classes,
-                                 img_size=args.img_size, dtype=dtype, **model_overrides(args))
   rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.standard_normal((args.batch, args.img_size, args.img_size, 3)),
-                       jnp.float32)
-  labels = jnp.asarray(rng.integers(0, args.num_classes, args.batch), jnp.int32)
+  images = rng.standard_normal((args.batch, args.img_size, args.img_size, 3)).astype(np.float32)
+  labels = rng.integers(0, args.num_classes, args.batch).astype(np.int32)
 
   if args.worker_mode == "inference":
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    model = focal_jax.create_model(args.model, num_classes=args.num_classes,
+                                   img_size=args.img_size, dtype=dtype, **model_overrides(args))
     model.eval()
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
-    inputs = (state, images)
+    inputs = (state, jnp.asarray(images))
     call = lambda: forward(*inputs).block_until_ready()
     jitted = forward
   else:
-    model.train()
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    rest = nnx.to_pure_dict(rest)  # RNG streams as plain arrays: reseeded inside the step
-    tx = optax.adamw(1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05)
-    opt_state = tx.init(params)
-
-    def loss_fn(params, rest, images, labels, key):
-      module = nnx.merge(graphdef, params, rest)
-      nnx.reseed(module, dropout=key)  # fresh stochastic-depth masks every step
-      logits = module(images)
-      return optax.losses.softmax_cross_entropy_with_integer_labels(
-          logits.astype(jnp.float32), labels).mean()
-
-    def train_step(train_state, rest, images, labels):
-      params, opt_state, step = train_state
-      key = jax.random.fold_in(jax.random.key(0), step)
-      loss, grads = jax.value_and_grad(loss_fn)(params, rest, images, labels, key)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state, step + 1), loss
-
-    jitted = jax.jit(train_step, donate_argnums=(0,))
-    holder = {"state": (params, opt_state, jnp.zeros((), jnp.int32))}
+    config = train_config(args)
+    mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+    spec = ts.model_spec_from_config(config, args.num_classes)
+    # The step counts set only the schedule's constants (a run of num_epochs one-step epochs).
+    setup = step_setup(config, spec, mesh, steps_per_epoch=1, total_steps=int(config.num_epochs))
+    jitted = setup.train_step(config, spec, mesh)
+    placed = sharding.batch_sharding(mesh)
+    batch = {"image": jax.device_put(images, placed), "label": jax.device_put(labels, placed)}
+    rest = ts.init_rest(spec, mesh)
+    holder = {"state": ts.create_train_state(spec, setup.tx, setup.shardings, mesh, config.seed)}
 
     def call():
-      holder["state"], loss = jitted(holder["state"], rest, images, labels)
-      loss.block_until_ready()
+      holder["state"], metrics = jitted(holder["state"], batch, rest)
+      metrics["loss"].block_until_ready()
 
-    inputs = (holder["state"], rest, images, labels)
+    inputs = (holder["state"], batch, rest)
 
   start = time.perf_counter()
   compiled = jitted.lower(*inputs).compile()
@@ -230,9 +247,22 @@ def reference_config(args: argparse.Namespace) -> Any:
 
 def torch_reference(config: Any) -> Any:
   """The PyTorch reference of `config`'s family (Focal-fast or the Focal Transformer)."""
-  from focal_jax.convert import reference
+  from focal_jax.convert.reference import reference_model
 
-  return reference.reference_model(config)
+  return reference_model(config)
+
+
+def official_param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
+  """The official `set_weight_decay` split of the reference's parameters: no decay for 1-D
+  tensors, biases, `no_weight_decay()` names and `no_weight_decay_keywords()` matches."""
+  skip, keywords = model.no_weight_decay(), model.no_weight_decay_keywords()
+  decay, no_decay = [], []
+  for name, param in model.named_parameters():
+    exempt = (param.ndim == 1 or name.endswith(".bias") or name in skip
+              or any(keyword in name for keyword in keywords))
+    (no_decay if exempt else decay).append(param)
+  return [{"params": decay, "weight_decay": weight_decay},
+          {"params": no_decay, "weight_decay": 0.0}]
 
 
 def run_torch(args: argparse.Namespace) -> Result:
@@ -254,15 +284,19 @@ def run_torch(args: argparse.Namespace) -> Result:
         model(images)
   else:
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=0.05)
-    loss_fn = torch.nn.CrossEntropyLoss()
+    config = train_config(args)
+    optimizer = torch.optim.AdamW(
+        official_param_groups(model, config.weight_decay),
+        lr=config.base_lr * config.batch_size / config.lr_base_batch_size,  # official scaling
+        betas=(config.adam_b1, config.adam_b2), eps=config.adam_eps)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.mixup.label_smoothing)
 
     def call():
       optimizer.zero_grad(set_to_none=True)
       with autocast:
         loss = loss_fn(model(images).float(), labels)
       loss.backward()
+      torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
       optimizer.step()
 
   start = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Models that start from trained weights: `create_model(..., checkpoint_path=...)`.
+"""Models that start from trained weights: what `focal_jax.create_model(..., checkpoint_path=...)`
+and a training run's `init_from` do with the parameters a checkpoint holds.
 
 A checkpoint is an official `.pth` / `.safetensors` file or a parameter export (a training
 run's `<workdir>/export`, or `python -m focal_jax.convert from-torch`'s output). Every
@@ -10,7 +11,8 @@ does for fine-tuning. `exclude` patterns re-initialise further parameters on pur
 Names are the model's parameter paths joined by dots (`head.kernel`,
 `layers.2.blocks.0.attn.qkv.kernel`); patterns are Python regular expressions searched in
 them. The model package knows nothing of files; the formats live in `focal_jax.weights`,
-the official names in `focal_jax.convert`.
+the official names in `focal_jax.convert` (`convert.checkpoints` reads any checkpoint into
+these names). This module works on names and arrays only.
 """
 
 from __future__ import annotations
@@ -63,26 +65,13 @@ def check_checkpoint_path(source: str) -> None:
       f"{', '.join(WEIGHT_FILE_SUFFIXES)}.")
 
 
-def read_checkpoint_params(source: str, model: models.FocalTransformer) -> dict[str, np.ndarray]:
-  """{dotted name: float32 array in focal_jax layout} of the parameters in `source` (an export
-  directory, `.pth` or `.safetensors`). `model` (may be abstract) names the official keys."""
+def read_export_params(source: str) -> dict[str, np.ndarray]:
+  """{dotted name: float32 array} of the parameters of an export directory."""
   from focal_jax import weights  # noqa: PLC0415  (orbax only when a checkpoint is read)
 
-  check_checkpoint_path(source)
-  if weights.is_export(source):
-    tree = weights.load_exported_params(source)
-    return {param_name(path): np.asarray(jax.device_get(leaf), np.float32)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-  from focal_jax.convert.state_dict import params_by_path  # noqa: PLC0415
-
-  by_path, unexpected = params_by_path(weights.load_weights_file(source), model)
-  unexpected = [key for key in unexpected if not re.search(HEAD_PATTERN, key)]
-  if unexpected:
-    raise ValueError(
-        f"{source} holds {len(unexpected)} tensor(s) that are no parameter of the model being "
-        f"built: {_some(unexpected)}. Build the variant and options it was trained with "
-        "(e.g. use_conv_embed=True, focal_levels=[3, 3, 3, 3]).")
-  return {".".join(str(part) for part in path): value for path, value in by_path.items()}
+  tree = weights.load_exported_params(source)
+  return {param_name(path): np.asarray(jax.device_get(leaf), np.float32)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def merge_checkpoint_params(target: dict[str, tuple[int, ...]], source: dict[str, np.ndarray],
@@ -126,37 +115,19 @@ def merge_checkpoint_params(target: dict[str, tuple[int, ...]], source: dict[str
   return loaded, reinit
 
 
-def load_checkpoint(model: models.FocalTransformer, source: str, exclude: Sequence[str] = ()
-                    ) -> list[str]:
-  """Loads `source` into `model` in place (see the module docstring); returns the names
-  that kept their fresh initialisation."""
+def load_params(model: models.FocalTransformer, source_params: dict[str, np.ndarray],
+                where: str, exclude: Sequence[str] = ()) -> list[str]:
+  """Loads `source_params` ({dotted name: array}, read from the checkpoint `where`) into
+  `model` in place (see the module docstring); returns the names that kept their fresh
+  initialisation."""
   params = nnx.state(model, nnx.Param)
   pure = nnx.to_pure_dict(params)
-  loaded, reinit = merge_checkpoint_params(param_shapes(pure),
-                                           read_checkpoint_params(source, model), source, exclude)
+  loaded, reinit = merge_checkpoint_params(param_shapes(pure), source_params, where, exclude)
   pure = jax.tree_util.tree_map_with_path(
       lambda path, leaf: loaded.get(param_name(path), leaf), pure)
   nnx.replace_by_pure_dict(params, pure)
   nnx.update(model, params)
   return reinit
-
-
-def create_model(name: str | None = "focal_tiny", num_classes: int = 1000, img_size: Any = 224,
-                 seed: int = 0, checkpoint_path: str | None = None,
-                 checkpoint_exclude: Sequence[str] = (), **overrides: Any
-                 ) -> models.FocalTransformer:
-  """`focal_jax.models.create_model`, then (with `checkpoint_path`) the checkpoint's weights.
-
-  For fine-tuning: `create_model("focal_tiny", num_classes=10, checkpoint_path="ft.pth")`
-  keeps every pretrained parameter and re-initialises the head (with a warning) because
-  its shape differs. `checkpoint_exclude` re-initialises the parameters matching those
-  regular expressions too (e.g. `[r"^head\\."]` for a head of the same shape).
-  """
-  model = models.create_model(name, num_classes=num_classes, img_size=img_size, seed=seed,
-                              **overrides)
-  if checkpoint_path:
-    load_checkpoint(model, checkpoint_path, checkpoint_exclude)
-  return model
 
 
 def _some(names: list[str], limit: int = 5) -> str:

@@ -14,7 +14,7 @@ rolls (border windows take ring tokens from the opposite border), then each pool
 unfolded neighbourhood of sub-windows. `attention_probabilities` recomputes the softmax of
 one query from the block's own parameters; nothing here changes the model.
 
-Focal-fast (v2) keys come from `models.key_sets` alone (`focal_fast_keys`): the query's
+Focal-fast keys come from `models.focal_fast.key_sets` alone (`focal_fast_keys`): the query's
 window takes the `top_k` stage pixels nearest to its centre (a disc, with the official
 tie order at its rim) and the `top_k` nearest pooled windows, whatever query of the
 window asks.
@@ -23,15 +23,16 @@ window asks.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
-from focal_jax.models import index_tables, key_sets
+from focal_jax.models.focal import index_tables
+from focal_jax.models.focal_fast import key_sets
 from focal_jax.models.config import to_pair
+# The one reader of metrics.jsonl (also gs://) and the one figure of a run's curves.
+from focal_jax.training.metrics import plot_training_curves, read_metrics  # noqa: F401
 
 LEVEL_COLORS = ("#e6194b", "#f58231", "#3cb4ff", "#4363d8", "#911eb4")
 
@@ -551,54 +552,5 @@ def plot_receptive_fields(model: Any, img_size: Any = None, *, ax: Any = None) -
   ax.set_title(f"Region each focal level covers around a window at {image[0]}x{image[1]}"
                " (bar label: keys)", fontsize=10)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  return fig
-
-
-def read_metrics(source: str | Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Records of a metrics.jsonl: a file, a workdir holding one, or records already read."""
-  if not isinstance(source, (str, os.PathLike)):
-    return [dict(r) for r in source]
-  path = os.fspath(source)
-  if os.path.isdir(path):
-    path = os.path.join(path, "metrics.jsonl")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"No metrics at {path}: pass a training workdir or its metrics.jsonl.")
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def plot_training_curves(source: str | Iterable[dict[str, Any]], *, title: str = "") -> Any:
-  """Training loss (and eval loss), learning rate, eval top-1 / top-5 against step.
-
-  `source`: a metrics.jsonl, the workdir holding it, or its records. Returns the Figure.
-  """
-  plt = _plt()
-  records = read_metrics(source)
-
-  def series(key: str) -> tuple[list[int], list[float]]:
-    points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-    return ([p[0] for p in points], [p[1] for p in points]) if points else ([], [])
-
-  if not any("train/loss" in r or "eval/top1" in r for r in records):
-    raise ValueError("The metrics hold neither train/loss nor eval/top1 records.")
-  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-  axes[0].plot(*series("train/loss"), label="train")
-  if series("eval/loss")[0]:
-    axes[0].plot(*series("eval/loss"), marker="o", label="eval")
-  axes[0].set(title="loss", xlabel="step")
-  axes[0].legend(fontsize=8)
-  axes[1].plot(*series("train/lr"), color="tab:green")
-  axes[1].set(title="learning rate", xlabel="step")
-  axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-  for key, style in (("eval/top1", "o-"), ("eval/top5", "s--"), ("eval_ema/top1", "^:")):
-    steps, values = series(key)
-    if steps:
-      axes[2].plot(steps, values, style, label=key)
-  axes[2].set(title="eval accuracy (%)", xlabel="step")
-  if axes[2].lines:
-    axes[2].legend(fontsize=8)
-  if title:
-    fig.suptitle(title)
   fig.tight_layout()
   return fig

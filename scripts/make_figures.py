@@ -15,7 +15,6 @@ docs/training_curve.png    loss, learning rate and eval top-1 / top-5 of a short
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import os
 import sys
@@ -91,11 +90,9 @@ def receptive_field_figure(path: str) -> None:
 
 def demo_config(steps: int):
   """configs/demo.py, shortened to `steps` steps with evaluations along the way."""
-  spec = importlib.util.spec_from_file_location("demo_config", os.path.join(ROOT, "configs",
-                                                                            "demo.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  from focal_jax.training.config import load_config_file  # noqa: PLC0415  (ml_collections)
+
+  config = load_config_file(os.path.join(ROOT, "configs", "demo.py"))
   config.num_train_steps = steps
   config.log_every_steps = max(1, steps // 30)
   config.eval_every_steps = max(1, steps // 10)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from focal_jax.models.attention import attend
+from focal_jax.models.focal.attention import attend
 
 
 def plain_attention(q, k, v, bias):

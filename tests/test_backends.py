@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from focal_jax.models import attention
+from focal_jax.models.focal import attention
 
 
 def test_key_value_gradient_forms_agree():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -19,8 +18,9 @@ from test_training import compilation_cache, digits_dir  # noqa: F401  (fixtures
 
 from focal_jax import weights
 from focal_jax.weights import files
-from focal_jax.training import checkpoint, loop, metrics
+from focal_jax.training import checkpoint, loop, metrics, resume, run_state
 from focal_jax.training import train_state as ts
+from focal_jax.training.config import load_config_file
 
 
 def readme() -> str:
@@ -47,11 +47,7 @@ def _main(tmp_path, name, workdir, *flags, timeout=300):
 
 def demo_config(**changes):
   """configs/demo.py's config, with `changes`."""
-  spec = importlib.util.spec_from_file_location("demo_config", os.path.join(ROOT, "configs",
-                                                                            "demo.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = load_config_file(os.path.join(ROOT, "configs", "demo.py"))
   config.update(changes)
   return config
 
@@ -60,11 +56,11 @@ def _demo_workdir(workdir, data_dir):
   """A demo workdir as training leaves it (a checkpoint, here of the freshly initialised
   state, and an export of its parameters) without compiling a training step: the demo's
   training itself runs end to end in CI."""
-  run = loop._Run(demo_config(data_dir=data_dir), workdir)
+  run = run_state.Run(demo_config(data_dir=data_dir), workdir)
   run.prepare()
   state = ts.create_train_state(run.spec, run.tx, run.shardings, run.mesh, run.config.seed)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, loop.CHECKPOINT_DIR))
-  ckpt.save(0, state, run.meta(0, loop._DataTracker((0, 0), 1), []))
+  ckpt.save(0, state, resume.checkpoint_meta(run, 0, resume.DataTracker((0, 0), 1), []))
   ckpt.close()
   return weights.export_params(os.path.join(workdir, loop.EXPORT_DIR), state.params,
                                run.description)

@@ -6,7 +6,7 @@ import pytest
 import focal_jax
 from focal_jax import convert
 from focal_jax.convert import __main__ as cli
-from focal_jax.convert import files
+from focal_jax.weights import files
 
 TINY = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), num_classes=5)
 

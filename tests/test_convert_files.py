@@ -12,7 +12,7 @@ import pytest
 from test_convert_cli import official_file, overrides_args
 
 from focal_jax.convert import __main__ as cli
-from focal_jax.convert import files
+from focal_jax.weights import files
 
 torch = pytest.importorskip("torch", reason="needs PyTorch (pip install -e '.[convert]')")
 

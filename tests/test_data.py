@@ -546,3 +546,23 @@ def test_undecodable_images_are_counted_and_skipped(corrupt_imagenet_dir):
                                              "global_batch_size": 1})
   with pytest.raises(tf.errors.InvalidArgumentError, match="No image of a whole epoch"):
     next(hopeless)
+
+
+def test_normalisation_constants_load_without_tensorflow():
+  """Inference code and the notebooks take IMAGENET_MEAN / IMAGENET_STD from focal_jax.data
+  without starting TensorFlow; the pipelines' names still load on first use."""
+  import pathlib  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+
+  root = pathlib.Path(__file__).parent.parent
+  probe = ("import sys; from focal_jax.data import IMAGENET_MEAN, IMAGENET_STD; "
+           "print(IMAGENET_MEAN, IMAGENET_STD, 'tensorflow' in sys.modules)")
+  result = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True,
+                          timeout=120, check=True)
+  assert result.stdout.split("\n")[0] == "(0.485, 0.456, 0.406) (0.229, 0.224, 0.225) False"
+  assert data.get_builder is not None and data.AugmentConfig is AugmentConfig
+  assert augment.IMAGENET_MEAN is data.IMAGENET_MEAN
+  for notebook in sorted((root / "notebooks").glob("*.ipynb")):
+    text = notebook.read_text()
+    assert "0.485" not in text and "from focal_jax.data import IMAGENET_MEAN" in text, notebook.name

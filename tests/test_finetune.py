@@ -22,7 +22,8 @@ from flax import nnx
 
 import focal_jax
 from focal_jax import pretrained, weights
-from focal_jax.convert import files, to_torch_state_dict
+from focal_jax.convert import to_torch_state_dict
+from focal_jax.weights import files
 from focal_jax.training import loop, sharding
 from focal_jax.training import train_state as ts
 

@@ -15,12 +15,13 @@ from flax import nnx
 
 import focal_jax
 import focal_jax.summary
-from focal_jax.models import key_layout, key_sets, make_config
+from focal_jax.models import make_config
+from focal_jax.models.focal_fast import key_layout, key_sets
 
 torch = pytest.importorskip("torch", reason="parity tests need PyTorch (see requirements.txt)")
 
 from focal_jax import convert  # noqa: E402
-from focal_jax.convert import reference_v2  # noqa: E402
+from focal_jax.convert.reference import fast  # noqa: E402
 from test_parity import TOLERANCE, images, randomise_, run_pair  # noqa: E402
 
 # name: (parameters, official flops(), state_dict entries, of which buffers) (SPEC section 9)
@@ -34,10 +35,10 @@ TINY = dict(SMALL, embed_dim=16, num_heads=(1, 2, 2, 4), depths=(1, 1, 1, 1))
 
 
 def reference_model(config) -> "torch.nn.Module":
-  return reference_v2.FocalTransformer(**config.official_kwargs())
+  return fast.FocalTransformer(**config.official_kwargs())
 
 
-def randomise_v2_(model: "torch.nn.Module", seed: int) -> None:
+def randomise_fast_(model: "torch.nn.Module", seed: int) -> None:
   """v1's randomisation, plus position-bias MLPs that give biases of order 1."""
   randomise_(model, seed)
   generator = torch.Generator().manual_seed(seed + 100)
@@ -52,7 +53,7 @@ def build_pair(name, seed=0, **overrides):
   """(our float32 model, reference float64 model, config) with the same random weights."""
   config = make_config(name, **overrides)
   ref = reference_model(config)
-  randomise_v2_(ref, seed)
+  randomise_fast_(ref, seed)
   ref = ref.double().eval()
   kwargs = {k: v for k, v in overrides.items() if k != "img_size"}
   ours = convert.from_torch_state_dict(ref.state_dict(), name, img_size=config.img_size, **kwargs)
@@ -84,12 +85,12 @@ def test_full_size_counts_flops_keys_and_state_dict(name):
 
 def test_focal_fast_differs_from_v1_only_in_the_attention():
   v1 = nnx.eval_shape(lambda: focal_jax.create_model("focal_tiny_conv"))
-  v2 = nnx.eval_shape(lambda: focal_jax.create_model("focalv2_tiny"))
-  assert type(v1.layers[0].blocks[0]) is type(v2.layers[0].blocks[0])
+  fast_model = nnx.eval_shape(lambda: focal_jax.create_model("focalv2_tiny"))
+  assert type(v1.layers[0].blocks[0]) is type(fast_model.layers[0].blocks[0])
   without_attention = lambda m: {k: v.shape for k, v in nnx.to_flat_state(nnx.state(m, nnx.Param))
                                  if "attn" not in k or "qkv" in k or "proj" in k}
-  assert without_attention(v1) == without_attention(v2)
-  attn = v2.layers[0].blocks[0].attn
+  assert without_attention(v1) == without_attention(fast_model)
+  attn = fast_model.layers[0].blocks[0].attn
   assert attn.coord2rpb_all[0].fc1.kernel.shape == (2, 32)
   assert attn.coord2rpb_all[1].fc2.kernel.shape == (32, 3)
 
@@ -225,7 +226,7 @@ def test_export_loads_strictly_into_the_reference_and_round_trips():
   options = {**TINY, "use_shift": True, "depths": (1, 1, 2, 1)}
   config = make_config(None, **options)
   ref = reference_model(config)
-  randomise_v2_(ref, 5)
+  randomise_fast_(ref, 5)
   state = ref.state_dict()
   ours = convert.from_torch_state_dict({"model": state}, None, **options)
   back = convert.to_torch_state_dict(ours)

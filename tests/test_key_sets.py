@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from focal_jax.models import key_sets
+from focal_jax.models.focal_fast import key_sets, torch_topk
 
 DATA = np.load(pathlib.Path(__file__).parent / "data" / "focalv2_key_sets.npz")
 CASES = json.loads(str(DATA["cases_json"]))
@@ -56,11 +56,11 @@ def test_other_geometries_match_official(case):
 def test_checked_geometries_cover_both_selection_paths():
   paths = set()
   for grid in (7, 14, 28, 56, 112, 224):
-    paths.add(key_sets.selection_path(grid * grid, min(128, grid * grid)))
-    paths.add(key_sets.selection_path((grid // 7) ** 2, min(128, (grid // 7) ** 2)))
+    paths.add(torch_topk.selection_path(grid * grid, min(128, grid * grid)))
+    paths.add(torch_topk.selection_path((grid // 7) ** 2, min(128, (grid // 7) ** 2)))
   for case in CASES:
     (h, w), k = case["grid"], case["top_k"]
-    paths.add(key_sets.selection_path(h * w, min(k, h * w)))
+    paths.add(torch_topk.selection_path(h * w, min(k, h * w)))
   assert paths == {"partial_sort", "nth_element"}
   # Level 1 is sparse (fewer keys than windows) at 448 stage 1.
   assert DATA["official_grid112_level1"].shape == (256, 128)
@@ -77,16 +77,16 @@ def test_topk_indices_matches_torch_on_ties():
     n = int(rng.integers(1, 2000))
     k = int(rng.integers(1, min(n, 160) + 1))
     scores = rng.integers(0, int(rng.integers(1, 40)), n).astype(np.float32)
-    np.testing.assert_array_equal(key_sets.topk_indices(scores, k), _torch_topk(scores, k))
-    paths.add(key_sets.selection_path(n, k))
+    np.testing.assert_array_equal(torch_topk.topk_indices(scores, k), _torch_topk(scores, k))
+    paths.add(torch_topk.selection_path(n, k))
   assert paths == {"partial_sort", "nth_element"}
 
 
 def test_topk_indices_matches_torch_past_the_depth_limit(monkeypatch):
   """Inputs that drive introselect / introsort into their heap-select fallbacks."""
   calls = []
-  heap_select = key_sets._heap_select
-  monkeypatch.setattr(key_sets, "_heap_select",
+  heap_select = torch_topk._heap_select
+  monkeypatch.setattr(torch_topk, "_heap_select",
                       lambda *args: calls.append(args[2:]) or heap_select(*args))
   for n in (64, 255, 1024):
     half = n // 2
@@ -98,7 +98,7 @@ def test_topk_indices_matches_torch_past_the_depth_limit(monkeypatch):
     for scores in (killer, -killer, np.arange(n) % 5, np.minimum(np.arange(n), n - 1 - np.arange(n))):
       scores = scores.astype(np.float32)
       for k in (1, 3, n // 3, n):
-        np.testing.assert_array_equal(key_sets.topk_indices(scores, k), _torch_topk(scores, k))
+        np.testing.assert_array_equal(torch_topk.topk_indices(scores, k), _torch_topk(scores, k))
   assert calls, "no input reached a depth-limit fallback"
 
 
@@ -116,7 +116,7 @@ def test_lowest_index_first_gives_other_sets():
   differ = [set(s) != set(o) for s, o in zip(stable, official)]
   assert sum(differ) == 58  # of 64 windows at 224, stage 1
   assert not np.array_equal(np.sort(stable, 1), np.sort(official, 1))
-  replica = np.stack([key_sets.topk_indices(s, 128) for s in scores])
+  replica = np.stack([torch_topk.topk_indices(s, 128) for s in scores])
   np.testing.assert_array_equal(replica, official)
 
 
@@ -153,7 +153,7 @@ def test_errors_name_the_problem():
   with pytest.raises(ValueError, match="multiple of window_size 7.*Pad the map to 35x35"):
     key_sets.pixel_key_sets(32, 32, 7, 128)
   with pytest.raises(ValueError, match="NaN"):
-    key_sets.topk_indices(np.array([0.0, np.nan], np.float32), 1)
+    torch_topk.topk_indices(np.array([0.0, np.nan], np.float32), 1)
   with pytest.raises(ValueError, match="levels 0 and 1"):
     key_sets.key_coords(2, 56, 56, 7, 128)
   assert not key_sets.pixel_key_sets(56, 56, 7, 128).flags.writeable

@@ -34,7 +34,7 @@ from nbclient import NotebookClient  # noqa: E402
 
 import focal_jax  # noqa: E402
 from focal_jax import viz  # noqa: E402
-from focal_jax.models import index_tables  # noqa: E402
+from focal_jax.models.focal import index_tables  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(ROOT, "notebooks")
@@ -167,7 +167,7 @@ def test_convert_notebook(trained, tmp_path):
 
 
 def test_convert_notebook_on_a_focal_fast_model(tmp_path):
-  """The notebook's model choice covers Focal-fast: both directions against reference_v2."""
+  """The notebook's model choice covers Focal-fast: both directions against reference.fast."""
   # The conv stem has stride 4 whatever patch_size says (as officially): patches of 2 need it off.
   arch = dict(patch_size=2, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4),
               focal_topK=9, use_conv_embed=False)

@@ -90,6 +90,17 @@ def test_constraints_are_what_this_environment_runs(tmp_path):
       "installed, not pinned": sorted(set(installed) - set(pins))}
 
 
+def test_requirements_install_what_setup_sh_installs():
+  """requirements.txt is setup.sh's install line: the same extras under constraints.txt, and
+  no versions of its own (the ranges stay in pyproject.toml, the pins in constraints.txt)."""
+  with open(os.path.join(ROOT, "setup.sh")) as f:
+    setup_extras = f.read().split('-e ".[', 1)[1].split("]", 1)[0]
+  with open(os.path.join(ROOT, "requirements.txt")) as f:
+    lines = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+  assert lines == ["-c constraints.txt", f"-e .[{setup_extras}]"], lines
+  assert set(setup_extras.split(",")) <= set(_pyproject()["project"]["optional-dependencies"])
+
+
 def test_console_scripts_point_at_main_functions():
   """Every declared command names a function; each tool also runs as `python -m` here."""
   scripts = _pyproject()["project"]["scripts"]
@@ -126,7 +137,7 @@ SMOKE = textwrap.dedent("""
     assert logits.shape == (2, 5) and np.isfinite(logits).all(), logits
 
     from focal_jax import convert
-    from focal_jax.convert import files
+    from focal_jax.weights import files
     state = convert.to_torch_state_dict(model)
     files.save_weights_file(state, "official.safetensors")
     back = convert.from_torch_state_dict(files.load_weights_file("official.safetensors"),

@@ -15,7 +15,7 @@ from flax import nnx
 torch = pytest.importorskip("torch", reason="parity tests need PyTorch (pip install -e '.[convert]')")
 
 from focal_jax import convert  # noqa: E402
-from focal_jax.convert import reference  # noqa: E402
+from focal_jax.convert.reference import focal  # noqa: E402
 from focal_jax.models import layers, make_config  # noqa: E402
 from conftest import OFFICIAL_OPTIONS  # noqa: E402
 
@@ -26,7 +26,7 @@ SMALL = dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), num_clas
 
 
 def reference_model(config) -> "torch.nn.Module":
-  return reference.FocalTransformer(**config.official_kwargs())
+  return focal.FocalTransformer(**config.official_kwargs())
 
 
 def randomise_(model: "torch.nn.Module", seed: int) -> None:

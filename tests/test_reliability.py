@@ -478,3 +478,17 @@ def test_two_processes_train_like_one_and_stop_together(tmp_path, digits_dir, mo
   assert evals[-1]["eval/examples"] == reference.eval_metrics["eval/examples"] == 364
   assert evals[-1]["eval/top1"] == reference.eval_metrics["eval/top1"]
   assert evals[-1]["eval/loss"] == pytest.approx(reference.eval_metrics["eval/loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("keep, kept", [(2, [3, 4]), (1, [4]), (0, [1, 2, 3, 4])])
+def test_checkpointer_keeps_the_newest_steps(tmp_path, keep, kept):
+  """`keep_checkpoints`: the newest `keep` steps stay after each save; 0 keeps every step."""
+  directory = tmp_path / "checkpoints"
+  ckpt = checkpoint.Checkpointer(str(directory), keep=keep, async_save=False)
+  for step in range(1, 5):
+    ckpt.save(step, {"w": jax.numpy.full((2,), step, jax.numpy.float32)}, {"data_step": step})
+  ckpt.wait()
+  assert ckpt.all_steps() == kept
+  assert sorted(int(name) for name in os.listdir(directory) if name.isdigit()) == kept
+  assert ckpt.read_meta(kept[0]) == {"data_step": kept[0]}
+  ckpt.close()

@@ -23,7 +23,8 @@ import focal_jax
 from focal_jax import weights
 from focal_jax.training import checkpoint, evaluate, input, loop, metrics, optim, sharding
 from focal_jax.training import train_state as ts
-from focal_jax.training.config import default_config, validate_config
+from focal_jax.training.config import (default_config, load_config_file, model_overrides,
+                                       validate_config)
 from focal_jax.training.train_step import make_train_step
 
 TINY = dict(embed_dim=16, depths=(1, 1), num_heads=(1, 2), focal_levels=(2, 2), window_size=2,
@@ -201,18 +202,61 @@ def test_unknown_config_key_and_variant_fail_at_once():
                                   "focal_base", "focal_base_conv", "focalv2_tiny", "focalv2_small",
                                   "focalv2_base"])
 def test_config_files_are_valid(name):
-  import importlib.util  # noqa: PLC0415
-  path = os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.py")
-  module_spec = importlib.util.spec_from_file_location(f"config_{name}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config()
+  config = load_config_file(os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.py"))
   validate_config(config)
   if name.startswith(("focal_", "focalv2_")):
     assert config.model.name == name
     expected_drop = {"tiny": 0.2, "small": 0.3, "base": 0.5}[name.split("_")[1]]
     assert config.model.overrides.drop_path_rate == expected_drop
     assert optim.scaled_learning_rates(config).peak == pytest.approx(1e-3)  # 5e-4 * 1024 / 512
+
+
+def _command_line_config(monkeypatch, *args):
+  """The config `python main.py --config configs/base.py ARGS` trains (main.py's flag)."""
+  from absl import flags  # noqa: PLC0415
+  from ml_collections import config_flags  # noqa: PLC0415
+  argv = ["main.py", "--config", os.path.join(os.path.dirname(__file__), "..", "configs",
+                                              "base.py"), *args]
+  monkeypatch.setattr("sys.argv", argv)  # the override flags are read from sys.argv
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True)
+  flag_values(argv)
+  return flag_values.config
+
+
+@pytest.mark.parametrize("name", sorted(focal_jax.VARIANTS))
+def test_variant_name_on_the_command_line_brings_its_drop_path_rate(monkeypatch, name):
+  """--config.model.name=focal_base on configs/base.py trains Focal-B's recipe rate (0.5),
+  not Focal-T's (SPEC: T 0.2, S 0.3, B 0.5; conv and Focal-fast alike)."""
+  config = _command_line_config(monkeypatch, f"--config.model.name={name}")
+  validate_config(config)
+  expected = {"tiny": 0.2, "small": 0.3, "base": 0.5}[name.split("_")[1]]
+  overrides = model_overrides(config)  # what the model and the checkpoint's description get
+  assert overrides["drop_path_rate"] == expected
+  assert focal_jax.make_config(config.model.name, **overrides).drop_path_rate == expected
+
+
+def test_explicit_drop_path_rate_beats_the_variant(monkeypatch):
+  config = _command_line_config(monkeypatch, "--config.model.name=focal_base",
+                                "--config.model.overrides.drop_path_rate=0.1")
+  assert model_overrides(config)["drop_path_rate"] == 0.1
+  config = default_config()
+  config.model.name = ""  # a model from overrides alone keeps the base recipe's rate
+  assert model_overrides(config)["drop_path_rate"] == 0.2
+
+
+def test_load_config_file_passes_its_argument_and_names_a_bad_file(tmp_path):
+  path = tmp_path / "sized.py"
+  path.write_text("from focal_jax.training.config import default_config\n\n\n"
+                  "def get_config(arg='32'):\n"
+                  "  config = default_config()\n  config.image_size = int(arg)\n  return config\n")
+  assert load_config_file(path).image_size == 32
+  assert load_config_file(str(path), "64").image_size == 64
+  with pytest.raises(FileNotFoundError, match="missing.py"):
+    load_config_file(tmp_path / "missing.py")
+  (tmp_path / "empty.py").write_text("x = 1\n")
+  with pytest.raises(ValueError, match="empty.py defines no get_config"):
+    load_config_file(tmp_path / "empty.py")
 
 
 # ----------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from focal_jax.models import index_tables, windows
+from focal_jax.models.focal import index_tables, windows
 
 
 def official_ring(x, window, expand):

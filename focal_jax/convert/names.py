@@ -12,8 +12,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from focal_jax.models import index_tables, key_sets
-from focal_jax.models.attention_v2 import FocalFastAttention
+from focal_jax.models.focal import index_tables
+from focal_jax.models.focal_fast import key_sets
+from focal_jax.models.focal_fast.attention import FocalFastAttention
 from focal_jax.models.block import FocalTransformerBlock
 from focal_jax.models.focal_transformer import FocalTransformer
 

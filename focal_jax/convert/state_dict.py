@@ -10,6 +10,8 @@ from flax import nnx
 
 from focal_jax.convert.names import Entry, official_entries
 from focal_jax.models.focal_transformer import FocalTransformer, create_model
+from focal_jax.weights.errors import InvalidWeights, StateDictMismatch
+from focal_jax.weights.files import unwrap_state_dict
 
 
 def _param_at(params: Any, path: tuple) -> nnx.Variable:
@@ -44,26 +46,6 @@ def _to_numpy(value: Any) -> np.ndarray:
       value = value.float()
     return value.numpy()
   return np.asarray(value)
-
-
-def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
-  """Accepts a bare state_dict or the official `{'model': state_dict, ...}` wrapper."""
-  if "model" in checkpoint and isinstance(checkpoint["model"], Mapping):
-    return checkpoint["model"]
-  return checkpoint
-
-
-class WeightsError(ValueError):
-  """Weights that cannot be used; the message says which and why."""
-
-
-class StateDictMismatch(WeightsError):
-  """A state_dict that does not fit the requested variant."""
-
-
-class InvalidWeights(WeightsError):
-  """Weights of the right names and shapes whose values cannot be used: not floating
-  point, or not finite."""
 
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")

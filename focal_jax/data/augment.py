@@ -22,10 +22,8 @@ import math
 
 import tensorflow as tf
 
+from focal_jax.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from focal_jax.data.randaugment import RandAugment
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from focal_jax.models import index_tables, windows
-from focal_jax.models.attention import FocalWindowAttention
-from focal_jax.models.attention_v2 import FocalFastAttention
+from focal_jax.models.focal import index_tables, windows
+from focal_jax.models.focal.attention import FocalWindowAttention
+from focal_jax.models.focal_fast.attention import FocalFastAttention
 from focal_jax.models.layers import Mlp, axes, conv, dense, drop_path, layer_norm
 
 
@@ -32,7 +32,7 @@ class FocalTransformerBlock(nnx.Module):
 
   The window, ring and shift are fixed when the block is built (from the resolution it is
   built for); at call time any grid size works: the map is padded to whole windows.
-  `version` 2 swaps the attention for Focal-fast's (`attention_v2`); everything else is
+  `version` 2 swaps the attention for Focal-fast's (`focal_fast.attention`); everything else is
   shared. Focal-fast has no ring (`expand_size` 0) and takes whole windows only.
   """
 

@@ -59,7 +59,7 @@ class FocalConfig:
   use_layerscale: bool = False
   layerscale_value: float = 1e-4
   use_pre_norm: bool = False
-  focal_topK: int = 64  # Focal-fast only (the official v2 constructor's default)
+  focal_topK: int = 64  # Focal-fast only (the official Focal-fast constructor's default)
   version: int = 1
   dtype: Any = jnp.float32
   remat: bool = False
@@ -209,7 +209,7 @@ def validate(config: FocalConfig) -> None:
 
 
 def _validate_focal_fast_stage(config: FocalConfig, stage: int, pooled: bool) -> None:
-  """Focal-fast options the official v2 code gets wrong or crashes on are refused."""
+  """Focal-fast options the official Focal-fast code gets wrong or crashes on are refused."""
   level = config.focal_levels[stage]
   if level >= 3:
     raise ValueError(

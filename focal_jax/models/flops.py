@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from focal_jax.models.attention_v2 import FocalFastAttention
+from focal_jax.models.focal_fast.attention import FocalFastAttention
 from focal_jax.models.block import FocalTransformerBlock
 from focal_jax.models.config import to_pair
 from focal_jax.models.focal_transformer import FocalTransformer
@@ -32,7 +32,7 @@ def _attention_macs(block: FocalTransformerBlock, dim: int) -> float:
 
 def _focal_fast_attention_macs(block: FocalTransformerBlock, dim: int,
                                resolution: tuple[int, int]) -> float:
-  """Official v2 WindowAttention.flops for one window: products over each level's topK
+  """Official Focal-fast WindowAttention.flops for one window: products over each level's topK
   keys and the position-bias MLP (per query at level 0, once per window at level 1)."""
   attn = block.attn
   n, heads, head_dim = attn.window_size**2, attn.num_heads, dim // attn.num_heads

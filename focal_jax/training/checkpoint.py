@@ -1,6 +1,7 @@
 """Orbax checkpoints of the train state.
 
-Training checkpoints: `<workdir>/checkpoints/<step>/{state, meta}`; `state` is the whole
+Training checkpoints: `<workdir>/checkpoints/<step>/{state, meta}` (the names are
+`focal_jax.weights.layout`'s, which the readers of checkpoints share); `state` is the whole
 TrainState (params, optimiser, EMA, step, RNG), `meta` a JSON with the data position and
 the model description. Saves are asynchronous (written to a temporary directory, renamed
 when complete); the last `keep` are kept. Restoring builds its targets on the current mesh,
@@ -20,10 +21,10 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 from focal_jax import storage
-
-DAMAGED_DIR = "damaged_checkpoints"
+from focal_jax.weights.layout import CHECKPOINT_ITEMS, DAMAGED_DIR, META_ITEM, STATE_ITEM
 
 
 class Checkpointer:
@@ -34,11 +35,15 @@ class Checkpointer:
     self.directory = storage.absolute(directory)  # a local path or gs://...
     # `cleanup` removes temporary directories: what a killed save leaves behind, never a
     # complete step (only the run that writes the directory may do it).
+    # The newest `keep` steps are kept (every step when keep <= 0); older ones are deleted
+    # after each save.
+    keeps = (preservation_policy.LatestN(n=keep) if keep > 0
+             else preservation_policy.PreserveAll())
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep if keep > 0 else None, create=True,
+        preservation_policy=keeps, create=True,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=cleanup)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "meta"))
+                                         item_names=CHECKPOINT_ITEMS)
     # The cleanup runs in a background thread; finish it before anything else touches the
     # directory (orbax itself waits for it only at the first save).
     await_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
@@ -55,12 +60,12 @@ class Checkpointer:
     """{path: shape} of every array in the saved state, from its metadata (no array read)."""
     handler = ocp.StandardCheckpointHandler()
     try:
-      meta = handler.metadata(epath.Path(self.directory) / str(step) / "state")
+      meta = handler.metadata(epath.Path(self.directory) / str(step) / STATE_ITEM)
     finally:
       handler.close()
     tree = getattr(meta, "tree", meta)
     if tree is None:
-      raise ValueError(f"No array metadata in {self.directory}/{step}/state.")
+      raise ValueError(f"No array metadata in {self.directory}/{step}/{STATE_ITEM}.")
     return {_path_name(path): tuple(leaf.shape)
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
@@ -85,16 +90,18 @@ class Checkpointer:
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
     """Starts an asynchronous save of `state` (any pytree of jax.Arrays) at `step`."""
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        **{STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}),
+        force=True)
 
   def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
     """Restores into `target` (ShapeDtypeStructs with shardings) -> (state, meta)."""
     restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-    return restored["state"], restored["meta"]
+        **{STATE_ITEM: ocp.args.StandardRestore(target), META_ITEM: ocp.args.JsonRestore()}))
+    return restored[STATE_ITEM], restored[META_ITEM]
 
   def read_meta(self, step: int) -> dict[str, Any]:
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return self.manager.restore(step, args=ocp.args.Composite(
+        **{META_ITEM: ocp.args.JsonRestore()}))[META_ITEM]
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -8,6 +8,8 @@ a mistake (usually a typo) and `validate_config` says so at once.
 from __future__ import annotations
 
 import difflib
+import importlib.util
+import os
 import re
 from typing import Any
 
@@ -20,6 +22,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 MATMUL_PRECISIONS = ("default", "high", "highest")
 MU_DTYPES = ("", "float32", "bfloat16")
 CPU_COLLECTIVES = ("gloo", "mpi", "")
+# drop_path_rate of a model built from model.overrides alone (no variant) when unset: Focal-T's.
+CUSTOM_DROP_PATH_RATE = 0.2
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -39,7 +43,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = "focal_tiny"  # a variant of focal_jax.VARIANTS, or "" for overrides only
   # Official constructor arguments (SPEC section 1) on top of the variant's values.
-  c.model.overrides = ml_collections.ConfigDict({"drop_path_rate": 0.2})
+  # drop_path_rate unset: the variant's recipe value (T 0.2, S 0.3, B 0.5, conv and Focal-fast
+  # alike), so that changing model.name alone trains the variant's recipe.
+  c.model.overrides = ml_collections.ConfigDict(
+      {"drop_path_rate": ml_collections.config_dict.placeholder(float)})
   c.dtype = "float32"  # activation / compute dtype; parameters and optimiser stay float32
   # jax.default_matmul_precision of the train and eval steps for float32 operands:
   # "default" is each backend's fastest (TPU: one bfloat16 pass; GPU: TensorFloat-32 where
@@ -202,8 +209,34 @@ def mixup_group_size(config: ml_collections.ConfigDict) -> int:
 
 
 def model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """model.overrides as plain Python values (lists become tuples)."""
+  """model.overrides as plain Python values (lists become tuples), with an unset
+  drop_path_rate resolved to the variant's recipe value (`CUSTOM_DROP_PATH_RATE` without
+  a variant)."""
   overrides = {}
   for key, value in config.model.overrides.items():
     overrides[key] = tuple(value) if isinstance(value, list) else value
+  if "drop_path_rate" in overrides and overrides["drop_path_rate"] is None:
+    name = config.model.name
+    overrides["drop_path_rate"] = (focal_jax.VARIANTS[name]["drop_path_rate"] if name
+                                   else CUSTOM_DROP_PATH_RATE)
   return overrides
+
+
+def load_config_file(path: str | os.PathLike, arg: str | None = None
+                     ) -> ml_collections.ConfigDict:
+  """`get_config()` (or `get_config(arg)`) of a config file such as configs/focal_base.py, as
+  `python main.py --config PATH[:ARG]` reads it."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"No config file at {path}: expected a Python file such as "
+                            "configs/focal_tiny.py.")
+  stem = os.path.splitext(os.path.basename(path))[0]
+  module_spec = importlib.util.spec_from_file_location(f"focal_jax_config_{stem}", path)
+  if module_spec is None or module_spec.loader is None:
+    raise ValueError(f"{path} is not a Python config file (expected configs/*.py).")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not callable(getattr(module, "get_config", None)):
+    raise ValueError(f"{path} defines no get_config(); a config file returns its "
+                     "ConfigDict from get_config().")
+  return module.get_config() if arg is None else module.get_config(arg)

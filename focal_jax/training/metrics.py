@@ -13,7 +13,7 @@ import io
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, Iterable
 
 import jax
 
@@ -73,15 +73,63 @@ def _plain(value: Any) -> Any:
   return value
 
 
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  path = os.path.join(workdir, METRICS_FILE)
+def read_metrics(source: str | os.PathLike | Iterable[dict[str, Any]], *, missing_ok: bool = True
+                 ) -> list[dict[str, Any]]:
+  """Records of a metrics.jsonl: a workdir holding one (local or gs://), the file itself, or
+  records already read. A missing file reads as no records, or with `missing_ok=False`
+  raises FileNotFoundError."""
+  if not isinstance(source, (str, os.PathLike)):
+    return [dict(r) for r in source]
+  path = os.fspath(source)
+  if not path.endswith(".jsonl") or storage.isdir(path):
+    path = os.path.join(path, METRICS_FILE)
   if not storage.exists(path):
-    return []
+    if missing_ok:
+      return []
+    raise FileNotFoundError(f"No metrics at {path}: pass a training workdir or its {METRICS_FILE}.")
   return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
+def plot_training_curves(source: str | os.PathLike | Iterable[dict[str, Any]], *, title: str = ""
+                         ) -> Any:
+  """Training loss (and eval loss), learning rate, eval top-1 / top-5 against step.
+
+  `source`: a metrics.jsonl, the workdir holding it, or its records. Returns the Figure.
+  """
+  import matplotlib.pyplot as plt  # noqa: PLC0415  (only the pictures need matplotlib)
+
+  records = read_metrics(source, missing_ok=False)
+
+  def series(key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return ([p[0] for p in points], [p[1] for p in points]) if points else ([], [])
+
+  if not any("train/loss" in r or "eval/top1" in r for r in records):
+    raise ValueError("The metrics hold neither train/loss nor eval/top1 records.")
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+  axes[0].plot(*series("train/loss"), label="train")
+  if series("eval/loss")[0]:
+    axes[0].plot(*series("eval/loss"), marker="o", label="eval")
+  axes[0].set(title="loss", xlabel="step")
+  axes[0].legend(fontsize=8)
+  axes[1].plot(*series("train/lr"), color="tab:green")
+  axes[1].set(title="learning rate", xlabel="step")
+  axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+  for key, style in (("eval/top1", "o-"), ("eval/top5", "s--"), ("eval_ema/top1", "^:")):
+    steps, values = series(key)
+    if steps:
+      axes[2].plot(steps, values, style, label=key)
+  axes[2].set(title="eval accuracy (%)", xlabel="step")
+  if axes[2].lines:
+    axes[2].legend(fontsize=8)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  return fig
+
+
 def plot_curves(workdir: str) -> str | None:
-  """Draws training loss, learning rate and eval top-1/top-5 against step into a PNG."""
+  """Writes `plot_training_curves(workdir)` to <workdir>/training_curves.png (process 0)."""
   if jax.process_index() != 0:
     return None
   try:
@@ -91,22 +139,10 @@ def plot_curves(workdir: str) -> str | None:
   except ImportError:
     logging.warning("matplotlib is not installed: no %s (pip install matplotlib).", CURVES_FILE)
     return None
-  records = read_metrics(workdir)
-  train = [r for r in records if "train/loss" in r]
-  evals = [r for r in records if "eval/top1" in r]
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-  axes[0].plot([r["step"] for r in train], [r["train/loss"] for r in train])
-  axes[0].set(title="training loss", xlabel="step")
-  axes[1].plot([r["step"] for r in train], [r["train/lr"] for r in train])
-  axes[1].set(title="learning rate", xlabel="step")
-  for key in ("eval/top1", "eval/top5", "eval_ema/top1"):
-    points = [(r["step"], r[key]) for r in records if key in r]
-    if points:
-      axes[2].plot(*zip(*points), marker="o", label=key)
-  axes[2].set(title="evaluation accuracy (%)", xlabel="step")
-  if evals:
-    axes[2].legend()
-  fig.tight_layout()
+  try:
+    fig = plot_training_curves(workdir)
+  except (FileNotFoundError, ValueError):  # nothing logged or evaluated yet: no picture
+    return None
   path = os.path.join(workdir, CURVES_FILE)
   png = io.BytesIO()
   fig.savefig(png, format="png", dpi=100)

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-# The official model's `no_weight_decay()` and `no_weight_decay_keywords()`. Focal-fast (v2)
+# The official model's `no_weight_decay()` and `no_weight_decay_keywords()`. Focal-fast
 # keeps the same skip list and an empty keyword list; none of its parameter names holds these
-# keywords, so one rule gives both official masks (v2: the coord2rpb and fc pooling matrices
+# keywords, so one rule gives both official masks (Focal-fast: the coord2rpb and fc pooling matrices
 # decay, 1-D parameters and biases do not).
 NO_DECAY_NAMES = frozenset({"absolute_pos_embed"})
 NO_DECAY_KEYWORDS = ("relative_position_bias_table", "relative_position_bias_table_to_neighbors",

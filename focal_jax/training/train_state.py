@@ -9,18 +9,18 @@ fold_in(rng, step), so a resumed run draws exactly what an uninterrupted one wou
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-import focal_jax
-from focal_jax import pretrained
+from focal_jax import models, pretrained, weights
 from focal_jax.training import sharding
 from focal_jax.training.config import model_overrides
 
@@ -50,9 +50,9 @@ class ModelSpec:
   abstract_params: nnx.State  # with logical-axis metadata
   abstract_rest: Any  # pure dict of ShapeDtypeStructs: the dropout RNG streams
 
-  def create(self) -> focal_jax.FocalTransformer:
-    return focal_jax.create_model(self.name, num_classes=self.num_classes,
-                                  img_size=self.img_size, seed=self.seed, **self.overrides)
+  def create(self) -> models.FocalTransformer:
+    return models.create_model(self.name, num_classes=self.num_classes,
+                               img_size=self.img_size, seed=self.seed, **self.overrides)
 
   def json_overrides(self) -> dict[str, Any]:
     """Overrides with JSON-friendly values (dtype by name)."""
@@ -142,15 +142,34 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
                       abstract, shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
+# (source, abstract model) -> {dotted focal_jax name: float32 array}
+CheckpointReader = Callable[[str, Any], dict[str, np.ndarray]]
+
+
+def read_export_only(source: str, abstract_model: Any) -> dict[str, np.ndarray]:
+  """The default checkpoint reader of a run: parameter exports only (`focal_jax.weights`).
+  Official `.pth` / `.safetensors` files need the official name map, which the caller
+  supplies (`main.py` passes `focal_jax.read_checkpoint_params`)."""
+  del abstract_model
+  if not weights.is_export(source):
+    raise ValueError(
+        f"init_from={source!r} is not a parameter export; reading an official weight file "
+        "needs the name map: call train_and_evaluate(config, workdir, "
+        "read_checkpoint=focal_jax.read_checkpoint_params), as main.py does.")
+  return pretrained.read_export_params(source)
+
+
 def pretrained_params(spec: ModelSpec, params_shardings: Any, source: str,
-                      exclude: tuple[str, ...] = ()) -> Any:
-  """The initial parameters of a fine-tuning run: `source`'s (an export, .pth or
-  .safetensors) where they fit, a fresh init for the head when its shape differs and for
-  names matching `exclude` (logged); each array placed in its sharding."""
+                      exclude: tuple[str, ...] = (),
+                      read_checkpoint: CheckpointReader = read_export_only) -> Any:
+  """The initial parameters of a fine-tuning run: `source`'s (read by `read_checkpoint`:
+  exports by default, any weight file with `focal_jax.read_checkpoint_params`) where they
+  fit, a fresh init for the head when its shape differs and for names matching `exclude`
+  (logged); each array placed in its sharding."""
   abstract_model = nnx.eval_shape(spec.create)
   target = pretrained.param_shapes(spec.abstract_params)
   loaded, _ = pretrained.merge_checkpoint_params(
-      target, pretrained.read_checkpoint_params(source, abstract_model), source, exclude)
+      target, read_checkpoint(source, abstract_model), source, exclude)
   fresh = init_params(spec, params_shardings)
 
   def place(path, leaf):

@@ -7,7 +7,7 @@ A parameter export is a directory with:
                 "num_classes": 1000, "img_size": 224, "overrides": {...official names...}}
 `load_exported_model(path)` turns an export, and `load_workdir_model(workdir)` a training
 checkpoint (`<workdir>/checkpoints/<step>/{state, meta}`, reading only its parameters),
-back into a FocalTransformer.
+back into a FocalTransformer. The names on disk are `focal_jax.weights.layout`'s.
 """
 
 from __future__ import annotations
@@ -24,11 +24,9 @@ from flax import nnx
 
 from focal_jax import storage
 from focal_jax.models import FocalTransformer, create_model
-
-EXPORT_FORMAT = "focal_jax.params/1"
-MODEL_JSON = "model.json"
-PARAMS_DIR = "params"
-CHECKPOINT_DIR = "checkpoints"  # of a training workdir
+from focal_jax.weights.layout import (CHECKPOINT_DIR, CHECKPOINT_ITEMS, EMA_PARAMS_KEY,
+                                      EXPORT_FORMAT, META_EMA, META_ITEM, META_MODEL,
+                                      MODEL_JSON, PARAMS_DIR, PARAMS_KEY, STATE_ITEM)
 
 
 def model_description(name: str | None, num_classes: int, img_size: int,
@@ -132,23 +130,24 @@ def load_workdir_model(workdir: str, ema: bool = False, step: int | None = None
   """(model, description) from a training workdir's checkpoint (latest unless `step`):
   only the parameters (or, with `ema`, their moving average) are read."""
   directory = os.path.join(storage.absolute(workdir), CHECKPOINT_DIR)
-  manager = ocp.CheckpointManager(directory, item_names=("state", "meta"))
+  manager = ocp.CheckpointManager(directory, item_names=CHECKPOINT_ITEMS)
   try:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"{directory} holds no checkpoint.")
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    description = meta["model"]
-    key = "ema_params" if ema else "params"
-    if ema and not meta.get("ema"):
+    meta = manager.restore(step, args=ocp.args.Composite(
+        **{META_ITEM: ocp.args.JsonRestore()}))[META_ITEM]
+    description = meta[META_MODEL]
+    key = EMA_PARAMS_KEY if ema else PARAMS_KEY
+    if ema and not meta.get(META_EMA):
       raise ValueError(f"The checkpoint at step {step} in {directory} has no EMA parameters "
                        "(it was trained with ema_decay=0); leave out --ema.")
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           abstract_model(description)[1])
     restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item={key: target}, restore_args={key: restore_args}, partial_restore=True)))["state"]
+    state = manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.PyTreeRestore(
+        item={key: target}, restore_args={key: restore_args}, partial_restore=True)}))[STATE_ITEM]
   finally:
     manager.close()
   return model_from_params(description, state[key], f"{directory}/{step}"), description

@@ -1,17 +1,18 @@
-"""PyTorch reference of Focal-fast, the official v2 Focal Transformer.
+"""PyTorch reference of Focal-fast, the official `focal_transformer_v2.py` model.
 
 A from-scratch re-implementation of the official ``classification/focal_transformer_v2.py``
 (microsoft/Focal-Transformer) with its module tree, parameter and buffer names, shapes,
-dtypes, initialisation order and numerics, so an official v2 state_dict loads with
+dtypes, initialisation order and numerics, so an official Focal-fast state_dict loads with
 ``strict=True`` and gives the official logits. It shares the patch embedding, MLP,
-pooling, stage, head and drop path with the v1 reference (:mod:`.reference`); only the
+pooling, stage, head and drop path with the v1 reference (:mod:`.focal`); only the
 attention differs:
 
 * each query window attends to a fixed key set per level: at level 0 the
   ``min(focal_topK, H*W)`` stage pixels nearest to the window's centre pixel, at level 1
   the ``min(focal_topK, nWh*nWw)`` nearest pooled windows (k, v from the block's own
   ``qkv`` applied to the pooled map). The sets come from
-  :mod:`focal_jax.models.key_sets`, a replica of the official ``torch.topk`` tie order,
+  :mod:`focal_jax.models.focal_fast.key_sets`, built on a replica of the official
+  ``torch.topk`` tie order (:mod:`focal_jax.models.focal_fast.torch_topk`),
   so they are the official buffers at every size the official code builds;
 * the position bias of each level is an MLP ``coord2rpb_all.{l}`` (Linear(2, head_dim),
   ReLU, Linear(head_dim, heads)) of the (row, col) coordinates query minus key, evaluated
@@ -40,8 +41,8 @@ import math
 import torch
 from torch import nn
 
-from focal_jax.convert import reference
-from focal_jax.models import key_sets
+from focal_jax.convert.reference import focal
+from focal_jax.models.focal_fast import key_sets
 
 class WindowAttention(nn.Module):
     """Focal-fast attention: every window's queries attend to its static key sets."""
@@ -53,19 +54,19 @@ class WindowAttention(nn.Module):
         super().__init__()
         if focal_level not in (1, 2):
             raise ValueError(
-                f"Focal-fast supports focal_levels 1 or 2, got {focal_level} (the official v2 "
+                f"Focal-fast supports focal_levels 1 or 2, got {focal_level} (the official Focal-fast "
                 "code indexes the wrong pooled grid for 3 and fails for 0).")
         if focal_level > 1 and pool_method == "none":
             raise ValueError(
                 "Focal-fast with focal_levels 2 needs a pooled level: focal_pool is 'none' (or the "
-                "stage is not in focal_stages), which the official v2 code fails on. Use 'fc', "
+                "stage is not in focal_stages), which the official Focal-fast code fails on. Use 'fc', "
                 "'conv', 'mean' or 'max', or focal_levels 1.")
         self.dim = dim
         self.input_resolution = tuple(input_resolution)
         self.expand_size = expand_size
         self.shift_size = shift_size
-        self.window_size = reference.to_2tuple(window_size)
-        self.window_size_glo = reference.to_2tuple(window_size_glo)
+        self.window_size = focal.to_2tuple(window_size)
+        self.window_size_glo = focal.to_2tuple(window_size_glo)
         self.focal_window = focal_window
         self.focal_level = focal_level
         self.num_heads = num_heads
@@ -125,7 +126,7 @@ class WindowAttention(nn.Module):
         ws = self.window_size[0]
         n = ws * ws
         q, k, v = self.qkv(x).view(b, h, w, 3, c).unbind(3)  # each [B, H, W, C]
-        q = reference.window_partition(q, ws).view(-1, n, self.num_heads, c // self.num_heads)
+        q = focal.window_partition(q, ws).view(-1, n, self.num_heads, c // self.num_heads)
         q = q.transpose(1, 2) * self.scale  # [B*nW, nH, N, hd]
 
         keys = [self._selected(k.reshape(b, h * w, c), 0)]
@@ -164,7 +165,7 @@ class WindowAttention(nn.Module):
         return flops
 
 
-class FocalTransformerBlock(reference.FocalTransformerBlock):
+class FocalTransformerBlock(focal.FocalTransformerBlock):
     """The v1 block (norms, pooling, shift, MLP, layerscale) around Focal-fast attention."""
 
     def __init__(self, *args, topK: int = 64, **kwargs):
@@ -176,7 +177,7 @@ class FocalTransformerBlock(reference.FocalTransformerBlock):
         if height % self.window_size or width % self.window_size:
             raise ValueError(
                 f"Focal-fast needs stage grids of whole windows: {height}x{width} is not a multiple "
-                f"of window_size {self.window_size} (the official v2 code fails here). Use an "
+                f"of window_size {self.window_size} (the official Focal-fast code fails here). Use an "
                 f"image size whose stage grids divide by the window, e.g. 224, 448 or 896.")
         return WindowAttention(
             dim, input_resolution=self.input_resolution, expand_size=self.expand_size,
@@ -187,12 +188,12 @@ class FocalTransformerBlock(reference.FocalTransformerBlock):
             pool_method=self.pool_method, topK=topK)
 
 
-class BasicLayer(reference.BasicLayer):
+class BasicLayer(focal.BasicLayer):
     block_class = FocalTransformerBlock
 
 
-class FocalTransformer(reference.FocalTransformer):
-    """Focal-fast classifier with the official v2 constructor signature and defaults
+class FocalTransformer(focal.FocalTransformer):
+    """Focal-fast classifier with the official Focal-fast constructor signature and defaults
     (``focal_topK`` 64 as in the constructor; the released models use 128).
 
     ``expand_stages``, ``expand_sizes``, ``expand_layer`` and ``focal_windows`` are

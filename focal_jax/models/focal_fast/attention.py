@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from focal_jax.models import key_layout
-from focal_jax.models.attention import attend, softmax_attention
+from focal_jax.models.focal_fast import key_layout
+from focal_jax.models.focal.attention import attend, softmax_attention
 from focal_jax.models.layers import dense
 
 
@@ -102,7 +102,7 @@ def expand_coordinates(table: jnp.ndarray, axis: int, coords: np.ndarray,
 class FocalFastAttention(nnx.Module):
   """Multi-head Focal-fast attention for square windows of side `window_size`.
 
-  Parameter names follow the official v2 `WindowAttention` (`qkv`, `proj`,
+  Parameter names follow the official Focal-fast `WindowAttention` (`qkv`, `proj`,
   `coord2rpb_all.{l}`), so checkpoints map one to one.
   """
 
@@ -164,7 +164,7 @@ class FocalFastAttention(nnx.Module):
     Args:
       x: [B, H, W, C] normalised (and, with use_shift, rolled) map of whole windows.
       pooled: the pooled map [B, nWh, nWw, C] when focal_level is 2.
-      shift_mask: ignored: the official v2 builds the shift mask but never applies it.
+      shift_mask: ignored: the official Focal-fast code builds the shift mask but never applies it.
     Returns:
       [B, H, W, C].
     """

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from focal_jax.models import index_tables, windows
+from focal_jax.models.focal import index_tables, windows
 from focal_jax.models.layers import axes, dense, trunc_normal
 
 

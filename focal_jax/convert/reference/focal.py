@@ -807,12 +807,3 @@ class FocalTransformer(nn.Module):
         flops += self.num_features * self.patches_resolution[0] * self.patches_resolution[1] // (2 ** self.num_layers)
         flops += self.num_features * self.num_classes
         return flops
-
-
-def reference_model(config) -> nn.Module:
-    """The PyTorch reference of a `FocalConfig`'s family, built from the official constructor
-    arguments: Focal-fast (`version` 2, `reference_v2`) or the Focal Transformer."""
-    if getattr(config, "version", 1) == 2:
-        from focal_jax.convert import reference_v2  # noqa: PLC0415  (it builds on this module)
-        return reference_v2.FocalTransformer(**config.official_kwargs())
-    return FocalTransformer(**config.official_kwargs())

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from focal_jax.convert import reference_v2
-from focal_jax.models import key_sets, make_config
+from focal_jax.convert.reference import fast
+from focal_jax.models import make_config
+from focal_jax.models.focal_fast import key_sets
 
 # The released Focal-fast configurations (SPEC section 9).
 RELEASED = dict(use_conv_embed=True, focal_pool="fc", focal_levels=[2, 2, 2, 2], focal_topK=128)
@@ -34,7 +35,7 @@ DATA = np.load(pathlib.Path(__file__).parent / "data" / "focalv2_key_sets.npz")
 @pytest.mark.parametrize("name", VARIANTS)
 def test_released_variants_sizes_flops_and_layout(name):
   with torch.device("meta"):  # shapes only
-    model = reference_v2.FocalTransformer(img_size=224, **VARIANTS[name])
+    model = fast.FocalTransformer(img_size=224, **VARIANTS[name])
   params, flops, entries, buffers = OFFICIAL[name]
   assert sum(p.numel() for p in model.parameters() if p.requires_grad) == params
   assert model.flops() == flops
@@ -61,7 +62,7 @@ def test_released_variants_sizes_flops_and_layout(name):
 
 
 def test_buffers_are_the_official_key_sets():
-  model = reference_v2.FocalTransformer(img_size=448, **SMALL)
+  model = fast.FocalTransformer(img_size=448, **SMALL)
   for stage, grid in enumerate((112, 56, 28, 14)):
     attn = model.layers[stage].blocks[0].attn
     for level in (0, 1):
@@ -72,7 +73,7 @@ def test_buffers_are_the_official_key_sets():
 
 
 def test_shift_mask_buffer_is_built_and_not_applied():
-  model = reference_v2.FocalTransformer(img_size=224, use_shift=True, **{**SMALL, "depths": [2, 2, 2, 2]})
+  model = fast.FocalTransformer(img_size=224, use_shift=True, **{**SMALL, "depths": [2, 2, 2, 2]})
   state = model.state_dict()
   masks = sorted(key for key in state if key.endswith("attn_mask"))
   # Odd blocks of the stages larger than one window.
@@ -118,7 +119,7 @@ def _direct_attention(attn, x, pooled):
 
 def test_attention_matches_its_definition():
   torch.manual_seed(0)
-  model = reference_v2.FocalTransformer(img_size=224, **{**SMALL, "focal_topK": 60}).double()
+  model = fast.FocalTransformer(img_size=224, **{**SMALL, "focal_topK": 60}).double()
   attn = model.layers[1].blocks[0].attn  # 28x28 map, 16 windows, K0 60, K1 16
   with torch.no_grad():
     for p in attn.parameters():
@@ -131,9 +132,9 @@ def test_attention_matches_its_definition():
 
 def test_accepts_the_v1_official_kwargs_and_round_trips_strictly():
   kwargs = make_config(None, **{k: v for k, v in SMALL.items() if k != "focal_topK"}).official_kwargs()
-  model = reference_v2.FocalTransformer(**kwargs, focal_topK=50).double().eval()
+  model = fast.FocalTransformer(**kwargs, focal_topK=50).double().eval()
   assert model.layers[0].blocks[0].attn.topk_cloest_indice_0.shape == (64, 50)
-  fresh = reference_v2.FocalTransformer(**kwargs, focal_topK=50).double().eval()
+  fresh = fast.FocalTransformer(**kwargs, focal_topK=50).double().eval()
   fresh.load_state_dict(model.state_dict(), strict=True)
   x = torch.randn(2, 3, 224, 224, dtype=torch.float64)
   with torch.no_grad():
@@ -150,19 +151,20 @@ def test_accepts_the_v1_official_kwargs_and_round_trips_strictly():
 ])
 def test_official_failures_are_refused(options, message):
   with pytest.raises(ValueError, match=message):
-    reference_v2.FocalTransformer(**{"img_size": 224, **SMALL, **options})
+    fast.FocalTransformer(**{"img_size": 224, **SMALL, **options})
 
 
 def test_benchmark_builds_the_reference_of_the_family():
   from types import SimpleNamespace  # noqa: PLC0415
 
   from focal_jax import benchmark  # noqa: PLC0415
-  from focal_jax.convert import reference  # noqa: PLC0415
+  from focal_jax.convert.reference import focal  # noqa: PLC0415
 
-  v1 = make_config(None, **{k: v for k, v in SMALL.items() if k != "focal_topK"})
-  model = benchmark.torch_reference(v1)
-  assert type(model) is reference.FocalTransformer
-  v2 = SimpleNamespace(version=2, official_kwargs=lambda: {**v1.official_kwargs(), "focal_topK": 50})
-  model = benchmark.torch_reference(v2)
-  assert type(model) is reference_v2.FocalTransformer
+  focal_config = make_config(None, **{k: v for k, v in SMALL.items() if k != "focal_topK"})
+  model = benchmark.torch_reference(focal_config)
+  assert type(model) is focal.FocalTransformer
+  fast_config = SimpleNamespace(version=2, official_kwargs=lambda: {**focal_config.official_kwargs(),
+                                                                    "focal_topK": 50})
+  model = benchmark.torch_reference(fast_config)
+  assert type(model) is fast.FocalTransformer
   assert model.layers[0].blocks[0].attn.topk_cloest_indice_0.shape == (64, 50)

@@ -24,7 +24,7 @@ import functools
 
 import numpy as np
 
-from focal_jax.models import key_sets
+from focal_jax.models.focal_fast import key_sets
 
 
 @dataclasses.dataclass(frozen=True)

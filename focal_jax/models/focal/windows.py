@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from focal_jax.models import index_tables
+from focal_jax.models.focal import index_tables
 
 
 def window_partition(x: jnp.ndarray, window: int) -> jnp.ndarray:

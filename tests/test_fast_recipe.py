@@ -1,6 +1,5 @@
 """The Focal-fast training recipe: config files and the official weight-decay rule."""
 
-import importlib.util
 import pathlib
 
 import jax
@@ -8,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from focal_jax.convert import reference, reference_v2
+from focal_jax.convert.reference import fast, focal
 from focal_jax.training import optim
+from focal_jax.training.config import load_config_file
 
 CONFIGS = pathlib.Path(__file__).parent.parent / "configs"
 SMALL = dict(embed_dim=16, depths=[2, 1, 2, 1], num_heads=[1, 2, 2, 4], focal_levels=[2, 2, 2, 2],
@@ -17,14 +17,11 @@ SMALL = dict(embed_dim=16, depths=[2, 1, 2, 1], num_heads=[1, 2, 2, 4], focal_le
 
 
 def load_config(name):
-  spec = importlib.util.spec_from_file_location(f"config_{name}", CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return load_config_file(CONFIGS / f"{name}.py")
 
 
 @pytest.mark.parametrize("size", ["tiny", "small", "base"])
-def test_v2_configs_are_the_conv_recipe(size):
+def test_fast_configs_are_the_conv_recipe(size):
   """The official focalv2 yaml files are the useconv ones with focal_topK 128 (which the
   focalv2 variants carry): same recipe, another model."""
   v2 = load_config(f"focalv2_{size}").to_dict()
@@ -42,13 +39,13 @@ def official_no_decay(model: torch.nn.Module) -> set[str]:
           or any(k in name for k in keywords)}
 
 
-@pytest.mark.parametrize("module", [reference, reference_v2], ids=["v1", "v2"])
+@pytest.mark.parametrize("module", [focal, fast], ids=["focal", "fast"])
 def test_decay_rule_is_official_for_both_families(module):
   model = module.FocalTransformer(img_size=224, **SMALL)
   ours = {name for name, p in model.named_parameters() if not optim.decays(name, tuple(p.shape))}
   assert ours == official_no_decay(model)
   decayed = {name for name, _ in model.named_parameters()} - ours
-  if module is reference_v2:
+  if module is fast:
     assert model.no_weight_decay_keywords() == set()
     for name in ("layers.0.blocks.0.attn.coord2rpb_all.0.0.weight",
                  "layers.0.blocks.0.attn.coord2rpb_all.1.2.weight",
@@ -61,7 +58,7 @@ def test_decay_rule_is_official_for_both_families(module):
     assert "layers.0.blocks.0.attn.relative_position_bias_table_to_neighbors" in ours
 
 
-def test_mask_on_a_v2_like_parameter_tree():
+def test_mask_on_a_focal_fast_like_parameter_tree():
   """weight_decay_mask over a tree shaped like the JAX Focal-fast parameters."""
   leaf = lambda *shape: jax.ShapeDtypeStruct(shape, np.float32)
   block = {
