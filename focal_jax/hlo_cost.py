@@ -245,24 +245,43 @@ class HloModule:
     return flops
 
   def _convolution_flops(self, ins: _Instruction) -> float:
-    """2 x outputs x input features x the window taps that meet real inputs: XLA:TPU writes
-    batched matrix products as convolutions whose window spans a batch axis dilated by its
-    own size, so only one of its taps meets an input."""
+    """2 x outputs x input features x the window taps that meet real (not padded, not
+    dilated-in) inputs, per output on average: XLA:TPU writes batched matrix products as
+    convolutions whose window runs over a batch axis, dilated or padded so that one tap
+    per output meets an input."""
+    lhs = _ARRAY.search(self.shapes.get(ins.operands[0], "")) if ins.operands else None
     rhs = _ARRAY.search(self.shapes.get(ins.operands[1], "")) if len(ins.operands) > 1 else None
-    labels = re.search(r"dim_labels=\w+_(\w+)->", ins.attributes)
-    if not (rhs and labels):
+    out = _ARRAY.search(ins.shape)
+    labels = re.search(r"dim_labels=(\w+?)_(\w+?)->(\w+)", ins.attributes)
+    if not (lhs and rhs and out and labels):
       return 0.0
-    kernel = [int(d) for d in rhs.group(2).split(",") if d]
-    in_features = kernel[labels.group(1).index("i")]
+    dims = [[int(d) for d in m.group(2).split(",") if d] for m in (lhs, rhs, out)]
+    lhs_labels, rhs_labels, out_labels = labels.groups()
+    in_features = dims[1][rhs_labels.index("i")]
     window = re.search(r"window=\{([^}]*)\}", ins.attributes)
-    taps = 1
-    if window:
-      fields = dict(re.findall(r"(\w+)=([\dx_-]+)", window.group(1)))
-      sizes = [int(v) for v in fields.get("size", "1").split("x")]
-      dilations = [int(v) for v in fields.get("lhs_dilate", "x".join("1" * len(sizes)))
-                   .split("x")]
-      taps = math.prod(-(-size // dilation) for size, dilation in zip(sizes, dilations))
-    return 2.0 * _elements(ins.shape) * in_features * taps
+    fields = dict(re.findall(r"(\w+)=([\dx_-]+)", window.group(1))) if window else {}
+    spatial = sum(c.isdigit() for c in lhs_labels)
+
+    def field(name: str, default: str) -> list[str]:
+      return fields.get(name, "x".join([default] * spatial)).split("x") if spatial else []
+
+    taps_per_output = 1.0
+    for j, (k, stride, pad, lhs_dilation, rhs_dilation) in enumerate(zip(
+        field("size", "1"), field("stride", "1"), field("pad", "0_0"), field("lhs_dilate", "1"),
+        field("rhs_dilate", "1"))):
+      if str(j) not in lhs_labels or str(j) not in out_labels:
+        raise ValueError(f"{ins.name}: {labels.group(0)} with {spatial} window dims")
+      n, m = dims[0][lhs_labels.index(str(j))], dims[2][out_labels.index(str(j))]
+      k, stride, lo = int(k), int(stride), int(pad.split("_")[0])
+      lhs_dilation, rhs_dilation = int(lhs_dilation), int(rhs_dilation)
+      hits = 0
+      for o in range(m):
+        for t in range(k):
+          position = o * stride + t * rhs_dilation - lo
+          if 0 <= position <= (n - 1) * lhs_dilation and position % lhs_dilation == 0:
+            hits += 1
+      taps_per_output *= hits / max(m, 1)
+    return 2.0 * _elements(ins.shape) * in_features * taps_per_output
 
   def _main_frame(self, computation: str) -> int | None:
     """The stack frame that names a fused computation: its first dot or convolution's,
