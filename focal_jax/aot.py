@@ -216,12 +216,14 @@ def model_step_flops(spec: ts.ModelSpec, examples: int) -> float:
 
 def compile_step(config: ml_collections.ConfigDict, devices: list[Any], num_classes: int,
                  hbm_bytes: int, *, reference: bool = False,
-                 compiler_options: dict[str, str] | None = None) -> dict[str, Any]:
+                 compiler_options: dict[str, str] | None = None,
+                 hlo_path: str | None = None) -> dict[str, Any]:
   """Compiles the train step on a mesh over `devices`; its memory per chip, FLOPs, bytes
   moved (by group) and op counts. When XLA refuses because the step cannot fit in HBM (it
   does, for TPUs), the report says so (`fits` false, `compile_error`), with the bytes the
   error names. XLA:GPU compiles without counting FLOPs: they come from the model then
-  (`flops_source` "model"), and the bytes from the program's kernels (focal_jax.hlo_cost)."""
+  (`flops_source` "model"), and the bytes from the program's kernels (focal_jax.hlo_cost).
+  `hlo_path`: where to write the compiled program's optimised HLO text."""
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
   if config.batch_size % sharding.batch_divisor(mesh):
     raise AotError(f"The global batch {config.batch_size} does not divide over the "
@@ -248,6 +250,9 @@ def compile_step(config: ml_collections.ConfigDict, devices: list[Any], num_clas
               "bytes_by_group": None,
               **{op: None for op in (*COUNTED_OPS, "collective")}, "compile_error": refusal}
   else:
+    if hlo_path:
+      with open(hlo_path, "w") as f:
+        f.write(compiled.as_text())
     per_device = config.batch_size // sharding.batch_divisor(mesh)
     report = analyse(compiled, hbm_bytes, lambda: model_step_flops(spec, per_device))
   return {"params": params, "compile_s": round(time.perf_counter() - start, 1), **report}
@@ -312,7 +317,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "img_size": config.image_size, "remat": bool(args.remat), "fsdp": args.fsdp,
               **compile_step(config, devices, args.num_classes, target.hbm_bytes,
                              reference=args.model == vit_reference.NAME,
-                             compiler_options=target.compiler_options)}
+                             compiler_options=target.compiler_options,
+                             hlo_path=args.dump_hlo and f"{args.dump_hlo}.{batch}.hlo")}
     result.update(roofline(result, target))
     logging.info("%s", _summary(result))
     return result
@@ -413,6 +419,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--max-batch", action="store_true",
                  help="also report the largest batch per chip that fits")
   p.add_argument("--json", action="store_true", help="print the report as one JSON line last")
+  p.add_argument("--dump-hlo", metavar="PREFIX", help="write each compiled program's optimised "
+                 "HLO to PREFIX.<batch per chip>.hlo (focal_jax.hlo_cost reads it)")
   return p
 
 

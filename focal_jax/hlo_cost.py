@@ -410,3 +410,22 @@ def cost_by_group(hlo_text: str) -> dict[str, dict[str, float]]:
   """{group: {"bytes", "flops", "kernels"}} of a compiled program's optimised HLO text."""
   return {name: {"bytes": cost.bytes, "flops": cost.flops, "kernels": cost.kernels}
           for name, cost in HloModule(hlo_text).groups().items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+  """python -m focal_jax.hlo_cost FILE.hlo: the groups of a dumped program (aot --dump-hlo)."""
+  import sys  # noqa: PLC0415
+  paths = sys.argv[1:] if argv is None else argv
+  for path in paths:
+    with open(path) as f:
+      groups = cost_by_group(f.read())
+    total = sum(g["bytes"] for g in groups.values()) or 1.0
+    print(f"{path}: {total / 1e9:.2f} GB, "
+          f"{sum(g['flops'] for g in groups.values()) / 1e12:.3f} TFLOP per device and step")
+    for name, g in sorted(groups.items(), key=lambda item: -item[1]["bytes"]):
+      print(f"  {name:22s} {g['bytes'] / 1e9:9.2f} GB {100 * g['bytes'] / total:5.1f} % "
+            f"{g['flops'] / 1e12:9.3f} TFLOP {g['kernels']:6d} kernels")
+
+
+if __name__ == "__main__":
+  main()
