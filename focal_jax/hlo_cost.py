@@ -326,15 +326,35 @@ class HloModule:
     for ins in body:
       for operand in ins.operands:
         users[operand].append(ins)
+    def sliced(name: str, depth: int = 0) -> float | None:
+      """Bytes of the slices a fused value is read through (across bitcasts and reshapes),
+      None when some use reads all of it."""
+      uses = users.get(name, [])
+      if not uses or depth > 8:
+        return None
+      total = 0.0
+      for use in uses:
+        if use.opcode in ("slice", "dynamic-slice"):
+          total += array_bytes(use.shape)
+        elif use.opcode in ("bitcast", "reshape"):
+          inner = sliced(use.name, depth + 1)
+          if inner is None:
+            return None
+          total += inner
+        else:
+          return None
+      return total
+
     total = 0.0
     for index, operand in enumerate(instruction.operands):
       size = array_bytes(self.shapes.get(operand, ""))
-      uses = users.get(parameters.get(index, ""), [])
-      if uses and all(u.opcode in ("slice", "dynamic-slice") for u in uses):
-        size = min(size, sum(array_bytes(u.shape) for u in uses))
-      elif uses and all(u.opcode == "dynamic-update-slice" and u.operands[0] ==
-                        parameters.get(index) for u in uses):
+      parameter = parameters.get(index, "")
+      uses = users.get(parameter, [])
+      if uses and all(u.opcode == "dynamic-update-slice" and u.operands[0] == parameter
+                      for u in uses):
         size = 0.0  # updated in place: only the update is written (counted as output)
+      elif (part := sliced(parameter)) is not None:
+        size = min(size, part)
       total += size
     return total
 
