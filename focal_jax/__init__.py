@@ -21,6 +21,8 @@ from focal_jax import models  # noqa: E402
 from focal_jax.models import (OFFICIAL_PARAM_COUNTS, VARIANTS, FocalConfig,  # noqa: E402
                               FocalTransformer, make_config)
 from focal_jax.models.flops import count_flops  # noqa: E402
+from focal_jax.models.segmenter import Segmenter, create_segmenter  # noqa: E402
+from focal_jax.segment import segment  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -54,5 +56,6 @@ def read_checkpoint_params(source: str, model: FocalTransformer) -> dict[str, np
   return checkpoints.read_checkpoint_params(source, model)
 
 
-__all__ = ["FocalConfig", "FocalTransformer", "OFFICIAL_PARAM_COUNTS", "VARIANTS", "count_flops",
-           "create_model", "make_config", "read_checkpoint_params"]
+__all__ = ["FocalConfig", "FocalTransformer", "OFFICIAL_PARAM_COUNTS", "Segmenter", "VARIANTS",
+           "count_flops", "create_model", "create_segmenter", "make_config",
+           "read_checkpoint_params", "segment"]

@@ -5,8 +5,8 @@ model imports torch. Weight files (`.pth`, `.safetensors`), exports and the erro
 re-exported here live in `focal_jax.weights`.
 """
 
-from focal_jax.convert.state_dict import (from_torch_state_dict, load_state_dict,
-                                          to_torch_state_dict)
+from focal_jax.convert.api import from_torch_state_dict, to_torch_state_dict
+from focal_jax.convert.state_dict import load_state_dict
 from focal_jax.weights.errors import InvalidWeights, StateDictMismatch, WeightsError
 from focal_jax.weights.files import unwrap_state_dict
 

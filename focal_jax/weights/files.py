@@ -42,9 +42,11 @@ _RESAVE_HINT = (
 
 
 def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
-  """Accepts a bare state_dict or the official `{'model': state_dict, ...}` wrapper."""
-  if "model" in checkpoint and isinstance(checkpoint["model"], Mapping):
-    return checkpoint["model"]
+  """Accepts a bare state_dict, the official `{'model': state_dict, ...}` wrapper or
+  mmsegmentation's `{'meta': ..., 'state_dict': state_dict}`."""
+  for wrapper in ("model", "state_dict"):
+    if wrapper in checkpoint and isinstance(checkpoint[wrapper], Mapping):
+      return checkpoint[wrapper]
   return checkpoint
 
 
@@ -158,12 +160,15 @@ def _state_dict_of(path: str, checkpoint: Any) -> Mapping[str, Any]:
   return state_dict
 
 
-def save_torch_file(state_dict: Mapping[str, np.ndarray], path: str) -> None:
-  """Writes `{'model': state_dict}` as the official code does (loads with weights_only=True)."""
+def save_torch_file(state_dict: Mapping[str, np.ndarray], path: str,
+                    meta: Mapping[str, Any] | None = None) -> None:
+  """Writes `{'model': state_dict}` as the official code does, or with `meta` (plain values)
+  mmsegmentation's `{'meta': meta, 'state_dict': state_dict}`; loads with weights_only=True."""
   import torch  # noqa: PLC0415  optional dependency
 
   tensors = {key: torch.from_numpy(np.array(value)) for key, value in state_dict.items()}
-  _atomic_write(path, lambda tmp: torch.save({"model": tensors}, tmp))
+  checkpoint = {"model": tensors} if meta is None else {"meta": dict(meta), "state_dict": tensors}
+  _atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def load_safetensors_file(path: str) -> dict[str, np.ndarray]:
@@ -190,7 +195,7 @@ def save_safetensors_file(state_dict: Mapping[str, np.ndarray], path: str) -> No
   import ml_dtypes  # noqa: F401, PLC0415  bfloat16 arrays, see load_safetensors_file
   from safetensors.numpy import save_file  # noqa: PLC0415
 
-  arrays = {key: np.ascontiguousarray(value) for key, value in state_dict.items()}
+  arrays = {key: np.asarray(value, order="C") for key, value in state_dict.items()}  # 0-d stays 0-d
   _atomic_write(path, lambda tmp: save_file(arrays, tmp, metadata={"format": "pt"}))
 
 
@@ -204,14 +209,16 @@ def load_weights_file(path: str) -> Mapping[str, Any]:
     return _load_local(storage.download(path, local_dir))
 
 
-def save_weights_file(state_dict: Mapping[str, np.ndarray], path: str) -> None:
-  """Writes `state_dict` as `.safetensors` or (any other name) as the official `.pth`."""
+def save_weights_file(state_dict: Mapping[str, np.ndarray], path: str,
+                      meta: Mapping[str, Any] | None = None) -> None:
+  """Writes `state_dict` as `.safetensors` or (any other name) as the official `.pth`
+  (mmsegmentation's `{'meta', 'state_dict'}` when `meta` is given)."""
   if not storage.is_remote(path):
-    _save_local(state_dict, path)
+    _save_local(state_dict, path, meta)
     return
   with tempfile.TemporaryDirectory(prefix="focal_jax_weights_") as local_dir:
     local = os.path.join(local_dir, os.path.basename(path))
-    _save_local(state_dict, local)
+    _save_local(state_dict, local, meta)
     storage.upload(local, path)
 
 
@@ -221,11 +228,12 @@ def _load_local(path: str) -> Mapping[str, Any]:
   return load_torch_file(path)
 
 
-def _save_local(state_dict: Mapping[str, np.ndarray], path: str) -> None:
+def _save_local(state_dict: Mapping[str, np.ndarray], path: str,
+                meta: Mapping[str, Any] | None = None) -> None:
   if path.endswith(".safetensors"):
-    save_safetensors_file(state_dict, path)
+    save_safetensors_file(state_dict, path)  # tensors only: `meta` is not kept
   else:
-    save_torch_file(state_dict, path)
+    save_torch_file(state_dict, path, meta)
 
 
 def _atomic_write(path: str, write) -> None:

@@ -1,6 +1,7 @@
 """PyTorch references of the model families, with the official module trees, names and
 numerics: `focal` (the Focal Transformer, v1) and `fast` (Focal-fast, which subclasses
-`focal`'s stage, block and model). They need torch; nothing else in focal_jax imports them.
+`focal`'s stage, block and model); `upernet` (the UPerNet segmenter on `focal`, in
+mmsegmentation's layout). They need torch; nothing else in focal_jax imports them.
 
     from focal_jax.convert.reference import reference_model
     model = reference_model(focal_jax.make_config("focalv2_tiny"))
