@@ -248,7 +248,6 @@ def measure_timm(blobs: Sequence[bytes], *, batch: int, cores: int, warmup: int,
   first, rates, per_cpu_s = _time_rounds(
       lambda: next(iterator), batch, warmup, batches, rounds,
       worker_pids=lambda: [w.pid for w in iterator._workers])  # noqa: SLF001
-  del iterator
   rate = statistics.median(rates)
   return InputResult("timm", cores, batch, batches, rate, rate / cores, per_cpu_s, rates,
                      setup + first)
@@ -300,7 +299,8 @@ def _measure_in_worker(name: str, directory: str, args: argparse.Namespace,
   # TensorFlow): its forked DataLoader workers then hold no TensorFlow threads.
   program = ([os.path.abspath(__file__)] if name == "timm"
              else ["-m", "focal_jax.data.throughput"])
-  command = [sys.executable, *program, "--worker", name, "--data", directory, "--images", str(args.images), "--cores", str(cores),
+  command = [sys.executable, *program, "--worker", name, "--data", directory,
+             "--images", str(args.images), "--cores", str(cores),
              "--input-batch", str(args.input_batch), "--input-batches", str(args.input_batches),
              "--input-rounds", str(args.input_rounds), "--input-warmup", str(args.input_warmup),
              "--input-size", str(args.input_size)]
