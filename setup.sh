@@ -26,4 +26,11 @@ fi
 # ones the tests ran with): `all` (every extra that runs on any machine), `tpu` (libtpu, which
 # also compiles for TPU slices on a host without them) and `test` (the test and lint tools).
 .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[all,tpu,test]"
+# The `gpu-plan` extra (XLA's CUDA compiler, for `python -m focal_jax.aot --topology h100:8`),
+# installed apart in .venv/gpu-plan: only the process that plans a GPU run loads it
+# (focal_jax.cuda_compiler); where jax looks for plugins, it would make every `import jax` on
+# a host without a GPU print a traceback.
+.venv/bin/python -m pip install --quiet --upgrade --no-deps --target .venv/gpu-plan \
+  -c constraints.txt $(.venv/bin/python -c 'import tomllib
+print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["gpu-plan"]))')
 echo "focal_jax is installed in .venv ($(.venv/bin/python --version))"

@@ -1,14 +1,17 @@
-"""Compile the training step for a TPU slice on any machine, before renting one.
+"""Compile the training step for a TPU slice or NVIDIA GPUs on any machine, before renting.
 
     python -m focal_jax.aot --model focal_tiny --topology v5e:2x2 --batch-per-chip 128 --json
     python -m focal_jax.aot --config configs/focal_base.py --topology v5e:2x2 \\
         --batch-per-chip 128 --remat --max-batch
+    python -m focal_jax.aot --model focal_tiny --topology h100:8 --batch-per-chip 128
 
 With `jax[tpu]` installed (it brings libtpu), XLA compiles for a TPU topology without the
-hardware: `jax.experimental.topologies.get_topology_desc` describes the slice's chips, the
-train step of `focal_jax.training` (the one `main.py` runs: the config's optimiser, mixup,
-clipping, accumulation and EMA) is lowered with abstract arguments sharded over a mesh of
-those chips, and the compiled program tells the memory each chip needs, its FLOPs and the
+hardware; with the `gpu-plan` packages (focal_jax.cuda_compiler) it compiles for GPUs that
+`focal_jax.accelerators` describes. The topology's devices are described, the train step
+of `focal_jax.training` (the one `main.py` runs: the config's optimiser, mixup, clipping,
+accumulation and EMA) is lowered with abstract arguments sharded over a mesh of those
+devices, and the compiled program tells the memory each device needs, its FLOPs and bytes
+moved (with the roofline they set and where the bytes go, focal_jax.hlo_cost) and the
 operations in it. Nothing is allocated and no data is read.
 """
 
@@ -34,8 +37,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF comes in with the input
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
+from flax import nnx  # noqa: E402
 
+from focal_jax import accelerators, cuda_compiler, hlo_cost, vit_reference  # noqa: E402
+from focal_jax.accelerators import GPU_CARDS, TPU_GENERATIONS, TpuGeneration  # noqa: E402
+from focal_jax.models.flops import xla_flops  # noqa: E402
 from focal_jax.training import memory, sharding  # noqa: E402
+from focal_jax.training import train_state as ts  # noqa: E402
 from focal_jax.training.tasks import get_task  # noqa: E402
 from focal_jax.training.config import (default_config, load_config_file,  # noqa: E402
                                        validate_config)
@@ -46,19 +54,34 @@ IMAGENET_TRAIN_EXAMPLES = 1_281_167  # sets the schedule's constants only
 DEFAULT_CLASSES = {"classification": 1000, "segmentation": 150}  # ImageNet-1K, ADE20K
 
 
+# The share of a GPU's memory JAX's allocator takes by default (XLA_PYTHON_CLIENT_MEM_FRACTION).
+DEFAULT_GPU_MEM_FRACTION = 0.75
+
+
 @dataclasses.dataclass(frozen=True)
-class TpuGeneration:
-  hbm_bytes: int  # per chip
-  chip_config: str | None  # "megacore": the chip's two TensorCores act as one device
+class Target:
+  """What a compile is measured against: the memory one device may use, its peak FLOP/s
+  for the step's dtype and its memory bandwidth."""
+
+  hbm_bytes: int
+  peak_flops: dict[str, float]  # compute dtype -> FLOP/s
+  bandwidth: float  # bytes/s
+  compiler_options: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-# HBM per chip (v4 and v5p chips have two TensorCores, used as one megacore device).
-TPU_GENERATIONS = {
-    "v4": TpuGeneration(32 * GIB, "megacore"),
-    "v5e": TpuGeneration(16 * GIB, None),
-    "v5p": TpuGeneration(95 * GIB, "megacore"),
-    "v6e": TpuGeneration(32 * GIB, None),
-}
+def tpu_target(generation: TpuGeneration) -> Target:
+  # TPU matrix units multiply float32 inputs in one bfloat16 pass by default.
+  peak = generation.peak_bf16_flops
+  return Target(generation.hbm_bytes, {"bfloat16": peak, "float32": peak},
+                generation.hbm_bandwidth)
+
+
+def gpu_target(card: accelerators.GpuCard) -> Target:
+  # float32 products run on TensorFloat-32 by default (matmul_precision "default").
+  fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", DEFAULT_GPU_MEM_FRACTION))
+  return Target(int(card.memory_bytes * fraction),
+                {"bfloat16": card.peak_bf16_flops, "float32": card.peak_tf32_flops},
+                card.memory_bandwidth, cuda_compiler.compiler_options())
 
 # HLO opcodes counted in the report; collectives also in their asynchronous "-start" form.
 COUNTED_OPS = ("gather", "scatter", "copy", "transpose")
@@ -74,6 +97,30 @@ def install_line() -> str:
   return f'pip install "jax[tpu]=={jax.__version__}"'
 
 
+def gpu_devices(topology: str) -> tuple[list[Any], Target]:
+  """The compile-only devices of GPU hosts such as 'h100:8' or 'a100-40gb:2x8'."""
+  name, _, shape = topology.partition(":")
+  match = re.fullmatch(r"(?:(\d+)x)?(\d+)", shape)
+  if name not in GPU_CARDS or match is None:
+    raise AotError(f"Unknown topology {topology!r}: expected CARD:GPUS or CARD:HOSTSxGPUS "
+                   f"with CARD one of {', '.join(GPU_CARDS)}, e.g. h100:8 or h100:2x8.")
+  hosts, per_host = int(match.group(1) or 1), int(match.group(2))
+  card = GPU_CARDS[name]
+  try:
+    devices = cuda_compiler.gpu_devices(card.target_config(), hosts, per_host)
+  except cuda_compiler.CudaCompilerMissing as error:
+    raise AotError(str(error)) from error
+  return devices, gpu_target(card)
+
+
+def topology_devices(topology: str) -> tuple[list[Any], Target]:
+  """The compile-only devices of a TPU slice or GPU hosts, and what they offer."""
+  if topology.partition(":")[0] in GPU_CARDS:
+    return gpu_devices(topology)
+  devices, generation = tpu_devices(topology)
+  return devices, tpu_target(generation)
+
+
 def tpu_devices(topology: str) -> tuple[list[Any], TpuGeneration]:
   """The compile-only devices of a slice such as 'v5e:2x2' or 'v4:2x2x1'."""
   if importlib.util.find_spec("libtpu") is None:
@@ -83,7 +130,8 @@ def tpu_devices(topology: str) -> tuple[list[Any], TpuGeneration]:
   if generation not in TPU_GENERATIONS or not re.fullmatch(r"\d+(x\d+){1,2}", shape):
     raise AotError(f"Unknown topology {topology!r}: expected GENERATION:SHAPE with GENERATION "
                    f"one of {', '.join(TPU_GENERATIONS)} and SHAPE chips per axis, e.g. "
-                   "v5e:2x2, v6e:4x4, v4:2x2x1 or v5p:2x2x2.")
+                   "v5e:2x2, v6e:4x4, v4:2x2x1 or v5p:2x2x2; or CARD:GPUS with CARD one of "
+                   f"{', '.join(GPU_CARDS)}, e.g. h100:8.")
   from jax.experimental import topologies  # noqa: PLC0415
   spec = TPU_GENERATIONS[generation]
   kwargs = {"chip_config_name": spec.chip_config} if spec.chip_config else {}
@@ -108,7 +156,9 @@ def step_config(base: ml_collections.ConfigDict, args: argparse.Namespace, chips
                 batch_per_chip: int) -> ml_collections.ConfigDict:
   """The training config compiled: `base` with the command line's model, batch and mesh."""
   config = ml_collections.ConfigDict(base.to_dict())
-  if args.model:
+  if args.model == vit_reference.NAME:
+    config.model.name = ""  # built by vit_reference, not from the registry
+  elif args.model:
     config.model.name = args.model
   if args.dtype:
     config.dtype = args.dtype
@@ -146,16 +196,41 @@ def hlo_op_counts(hlo_text: str) -> dict[str, int]:
   return counts
 
 
+def model_spec(config: ml_collections.ConfigDict, num_classes: int,
+               reference: bool = False) -> ts.ModelSpec:
+  """The compiled model: the config's, or the ViT-S/16 reference."""
+  if reference:
+    return vit_reference.model_spec(num_classes, config.image_size, ts.DTYPES[config.dtype],
+                                    config.seed)
+  return get_task(config).model_spec(config, num_classes)
+
+
+def model_step_flops(spec: ts.ModelSpec, examples: int) -> float:
+  """FLOPs of a training step on `examples` images from the model alone: three times XLA's
+  count of the compiled forward pass on the CPU (the backward pass does about twice the
+  forward's products); the ViT reference from its products' count."""
+  if spec.name == vit_reference.NAME:
+    forward = 2 * vit_reference.official_macs(spec.img_size, spec.num_classes)
+  else:
+    forward = xla_flops(nnx.eval_shape(spec.create), spec.img_size)
+  return 3.0 * forward * examples
+
+
 def compile_step(config: ml_collections.ConfigDict, devices: list[Any], num_classes: int,
-                 hbm_bytes: int) -> dict[str, Any]:
-  """Compiles the train step on a mesh over `devices`; its memory per chip, FLOPs and op
-  counts. When XLA refuses because the step cannot fit in HBM (it does, for TPUs), the
-  report says so (`fits` false, `compile_error`), with the bytes the error names."""
+                 hbm_bytes: int, *, reference: bool = False,
+                 compiler_options: dict[str, str] | None = None,
+                 hlo_path: str | None = None) -> dict[str, Any]:
+  """Compiles the train step on a mesh over `devices`; its memory per chip, FLOPs, bytes
+  moved (by group) and op counts. When XLA refuses because the step cannot fit in HBM (it
+  does, for TPUs), the report says so (`fits` false, `compile_error`), with the bytes the
+  error names. XLA:GPU compiles without counting FLOPs: they come from the model then
+  (`flops_source` "model"), and the bytes from the program's kernels (focal_jax.hlo_cost).
+  `hlo_path`: where to write the compiled program's optimised HLO text."""
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
   if config.batch_size % sharding.batch_divisor(mesh):
     raise AotError(f"The global batch {config.batch_size} does not divide over the "
                    f"{sharding.batch_divisor(mesh)} chips; use a multiple of them.")
-  spec = get_task(config).model_spec(config, num_classes)
+  spec = model_spec(config, num_classes, reference)
   steps_per_epoch = max(1, IMAGENET_TRAIN_EXAMPLES // config.batch_size)
   total = max(1, int(config.num_epochs * steps_per_epoch))
   setup = step_setup(config, spec, mesh, steps_per_epoch, total)
@@ -163,7 +238,8 @@ def compile_step(config: ml_collections.ConfigDict, devices: list[Any], num_clas
   arguments = setup.abstract_arguments(config, spec, mesh)
   params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract.params))
   start = time.perf_counter()
-  compiled, need, refusal = memory.compile_measured(step.lower(*arguments), arguments)
+  compiled, need, refusal = memory.compile_measured(step.lower(*arguments), arguments,
+                                                    compiler_options)
   if compiled is None:
     # The state is donated: outputs reuse the argument buffers but for the metrics.
     state_bytes = memory.bytes_per_device(arguments[0])
@@ -172,30 +248,58 @@ def compile_step(config: ml_collections.ConfigDict, devices: list[Any], num_clas
               "alias_bytes": state_bytes,
               "temp_bytes": None if need is None else need - argument_bytes,
               "code_bytes": None, "total_bytes": need, "hbm_bytes": hbm_bytes, "fits": False,
-              "flops_per_chip": None, "bytes_accessed_per_chip": None,
+              "flops_per_chip": None, "flops_source": None, "bytes_accessed_per_chip": None,
+              "bytes_by_group": None,
               **{op: None for op in (*COUNTED_OPS, "collective")}, "compile_error": refusal}
   else:
-    report = analyse(compiled, hbm_bytes)
+    if hlo_path:
+      with open(hlo_path, "w") as f:
+        f.write(compiled.as_text())
+    per_device = config.batch_size // sharding.batch_divisor(mesh)
+    report = analyse(compiled, hbm_bytes, lambda: model_step_flops(spec, per_device))
   return {"params": params, "compile_s": round(time.perf_counter() - start, 1), **report}
 
 
-def analyse(compiled: jax.stages.Compiled, hbm_bytes: int) -> dict[str, Any]:
-  """Memory per chip, whether it fits, FLOPs and op counts of a compiled step."""
+def analyse(compiled: jax.stages.Compiled, hbm_bytes: int,
+            model_flops: Any = None) -> dict[str, Any]:
+  """Memory per chip, whether it fits, FLOPs, bytes moved (in total and by group) and op
+  counts of a compiled step. `model_flops()`: the FLOPs when XLA gives none (GPU)."""
   mem = memory.step_memory(compiled)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  text = compiled.as_text()
+  groups = hlo_cost.cost_by_group(text)
+  if cost:
+    flops, source = float(cost.get("flops", 0.0)), "xla"
+    bytes_accessed = float(cost.get("bytes accessed", 0.0))
+  else:
+    flops, source = (float(model_flops()), "model") if model_flops else (None, None)
+    bytes_accessed = sum(group["bytes"] for group in groups.values())
   report = {"argument_bytes": mem.argument_bytes, "output_bytes": mem.output_bytes,
             "alias_bytes": mem.alias_bytes, "temp_bytes": mem.temp_bytes,
             "code_bytes": mem.code_bytes, "total_bytes": mem.total_bytes,
             "hbm_bytes": hbm_bytes, "fits": mem.total_bytes <= hbm_bytes,
-            "flops_per_chip": float(cost.get("flops", 0.0)),
-            "bytes_accessed_per_chip": float(cost.get("bytes accessed", 0.0))}
-  report.update(hlo_op_counts(compiled.as_text()))
+            "flops_per_chip": flops, "flops_source": source,
+            "bytes_accessed_per_chip": bytes_accessed, "bytes_by_group": groups}
+  report.update(hlo_op_counts(text))
   return report
 
 
+def roofline(result: dict[str, Any], target: Target) -> dict[str, Any]:
+  """FLOP per byte, the device's peak and bandwidth, and the images per second per device
+  the roofline allows: no faster than the FLOPs at the peak nor the bytes at the bandwidth."""
+  peak = target.peak_flops[result["dtype"]]
+  flops, nbytes = result.get("flops_per_chip"), result.get("bytes_accessed_per_chip")
+  known = bool(flops) and bool(nbytes)
+  return {"peak_flops_per_chip": peak, "hbm_bandwidth_per_chip": target.bandwidth,
+          "flops_per_byte": flops / nbytes if known else None,
+          "roofline_img_s_per_chip": (result["batch_per_chip"] / max(flops / peak,
+                                                                     nbytes / target.bandwidth)
+                                      if known else None)}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-  devices, generation = tpu_devices(args.topology)
+  devices, target = topology_devices(args.topology)
   chips = len(devices)
   if args.global_batch is not None:
     if args.global_batch % chips:
@@ -209,11 +313,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
   def measure(batch: int) -> dict[str, Any]:
     config = step_config(base, args, chips, batch)
-    result = {"model": config.model.name or "custom", "topology": args.topology,
+    name = args.model if args.model == vit_reference.NAME else config.model.name or "custom"
+    result = {"model": name, "topology": args.topology,
               "chips": chips, "batch_per_chip": batch, "global_batch": config.batch_size,
               "grad_accum_steps": config.grad_accum_steps, "dtype": config.dtype,
               "img_size": config.image_size, "remat": bool(args.remat), "fsdp": args.fsdp,
-              **compile_step(config, devices, num_classes, generation.hbm_bytes)}
+              **compile_step(config, devices, num_classes, target.hbm_bytes,
+                             reference=args.model == vit_reference.NAME,
+                             compiler_options=target.compiler_options,
+                             hlo_path=args.dump_hlo and f"{args.dump_hlo}.{batch}.hlo")}
+    result.update(roofline(result, target))
     logging.info("%s", _summary(result))
     return result
 
@@ -223,7 +332,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     group = base.mixup.group_size if base.mixup.group_size > 0 else 8
     # Per-chip batches that keep whole micro-batches of whole mixup groups on every chip.
     quantum = accum * math.lcm(8, group // math.gcd(group, chips))
-    result["max_batch_per_chip"] = max_batch(measure, result, generation.hbm_bytes, quantum)
+    result["max_batch_per_chip"] = max_batch(measure, result, target.hbm_bytes, quantum)
   return result
 
 
@@ -275,10 +384,14 @@ def _summary(r: dict[str, Any]) -> str:
     return (head + f"does NOT fit: XLA needs {_gib(r['temp_bytes'])} GiB of temporaries and "
             f"{_gib(r['argument_bytes'])} GiB of arguments per chip, the chip has "
             f"{r['hbm_bytes'] / GIB:.0f} GiB ({r['compile_s']:.0f} s)")
+  flops = "?" if r["flops_per_chip"] is None else f"{r['flops_per_chip'] / 1e12:.2f}"
+  roof = ("" if r.get("flops_per_byte") is None else
+          f", {r['bytes_accessed_per_chip'] / 1e9:.1f} GB moved: {r['flops_per_byte']:.1f} "
+          f"FLOP/byte, roofline cap {r['roofline_img_s_per_chip']:.0f} img/s per chip")
   return (head + f"{_gib(r['total_bytes'])} of {r['hbm_bytes'] / GIB:.0f} GiB per chip "
           f"({'fits' if r['fits'] else 'does NOT fit'}; arguments {_gib(r['argument_bytes'])}, "
-          f"temporaries {_gib(r['temp_bytes'])} GiB), {r['flops_per_chip'] / 1e12:.2f} TFLOP "
-          f"per chip, compiled in {r['compile_s']:.0f} s; HLO: {r['gather']} gather, "
+          f"temporaries {_gib(r['temp_bytes'])} GiB), {flops} TFLOP per chip{roof}, "
+          f"compiled in {r['compile_s']:.0f} s; HLO: {r['gather']} gather, "
           f"{r['scatter']} scatter, {r['copy']} copy, {r['transpose']} transpose, "
           f"{r['collective']} collective")
 
@@ -287,9 +400,12 @@ def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="focal-jax-aot", description=__doc__.split("\n\n")[0].strip(),
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", help="variant (focal_jax.VARIANTS); default: the config's")
+  p.add_argument("--model", help="variant (focal_jax.VARIANTS), or vit_s16_reference (a plain "
+                 "ViT-S/16 in the same training step); default: the config's")
   p.add_argument("--topology", required=True,
-                 help=f"TPU slice, GENERATION:SHAPE ({', '.join(TPU_GENERATIONS)}), e.g. v5e:2x2")
+                 help=f"TPU slice, GENERATION:SHAPE ({', '.join(TPU_GENERATIONS)}), e.g. "
+                 f"v5e:2x2; or GPUs, CARD:GPUS or CARD:HOSTSxGPUS ({', '.join(GPU_CARDS)}), "
+                 "e.g. h100:8")
   batch = p.add_mutually_exclusive_group(required=True)
   batch.add_argument("--batch-per-chip", type=int, help="examples per chip per optimiser step")
   batch.add_argument("--global-batch", type=int, help="examples per optimiser step, all chips")
@@ -307,6 +423,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--max-batch", action="store_true",
                  help="also report the largest batch per chip that fits")
   p.add_argument("--json", action="store_true", help="print the report as one JSON line last")
+  p.add_argument("--dump-hlo", metavar="PREFIX", help="write each compiled program's optimised "
+                 "HLO to PREFIX.<batch per chip>.hlo (focal_jax.hlo_cost reads it)")
   return p
 
 

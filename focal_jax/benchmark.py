@@ -4,6 +4,11 @@
     python -m focal_jax.benchmark --sweep --mode inference        # 224, 448, 896
     python -m focal_jax.benchmark --sweep --sizes 32,64 --tiny --mode inference   # seconds
     python -m focal_jax.benchmark --tiny --img-size 64 --batch 2 --repeats 2   # seconds
+    python -m focal_jax.benchmark --mode input    # host input pipeline vs timm's loader
+
+`--mode input` measures the host side instead: training images per second per CPU core of
+the project's tf.data pipeline and of timm's DataLoader on the same JPEGs
+(`focal_jax.data.throughput`, whose options it takes: `--data DIR`, `--cores N`, ...).
 
 For each framework and mode the measurement runs in a fresh worker process (this module
 with `--worker`), so that the peak resident memory (`ru_maxrss`) of one measurement is
@@ -21,8 +26,9 @@ replica of them to do the same work, and they cost a few elementwise passes over
 (the loss stays the soft-target cross-entropy of smoothed labels). Compile time is
 `lower()` + `compile()` of the step; the compiled step is then called through the same
 jitted function, and any further backend compilation is counted (it must be zero).
-PyTorch: the reference model (`convert.reference.focal`, or `convert.reference.fast` for
-the focalv2_* models) in eval mode under `torch.inference_mode`, and the same training
+PyTorch: the reference model (`convert.reference.focal`, `convert.reference.fast` for
+the focalv2_* models, `convert.reference.focalnet` for the focalnet_* ones)
+in eval mode under `torch.inference_mode`, and the same training
 step as the official training script takes it: cross-entropy with the same label
 smoothing, `clip_grad_norm_`, `torch.optim.AdamW` with the official decay / no-decay
 parameter groups, on `torch.set_num_threads(cores)` threads.
@@ -44,6 +50,7 @@ from typing import Any, Callable
 # A narrow, shallow model that is still structurally complete (rings and pooled levels).
 TINY_OVERRIDES = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4),
                       focal_levels=(2, 2, 2, 2))
+FOCALNET_TINY_OVERRIDES = dict(embed_dim=16, depths=(1, 1, 1, 1))
 SWEEP_SIZES = (224, 448, 896)
 _RESULT_MARK = "BENCHMARK_RESULT "
 
@@ -137,7 +144,11 @@ def _timed_calls(call: Callable[[], Any], warmup: int, repeats: int) -> Timing:
 
 
 def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
-  return dict(TINY_OVERRIDES) if args.tiny else {}
+  if not args.tiny:
+    return {}
+  from focal_jax.models import FOCALNET_VARIANTS
+
+  return dict(FOCALNET_TINY_OVERRIDES if args.model in FOCALNET_VARIANTS else TINY_OVERRIDES)
 
 
 # --------------------------------------------------------------------------- JAX
@@ -238,15 +249,15 @@ def run_jax(args: argparse.Namespace) -> Result:
 
 
 def reference_config(args: argparse.Namespace) -> Any:
-  """The FocalConfig of the benchmarked variant (official constructor arguments)."""
-  from focal_jax.models import make_config
+  """The config of the benchmarked variant (official constructor arguments)."""
+  from focal_jax.models import make_model_config
 
-  return make_config(args.model, num_classes=args.num_classes, img_size=args.img_size,
+  return make_model_config(args.model, num_classes=args.num_classes, img_size=args.img_size,
                      **model_overrides(args))
 
 
 def torch_reference(config: Any) -> Any:
-  """The PyTorch reference of `config`'s family (Focal-fast or the Focal Transformer)."""
+  """The PyTorch reference of `config`'s family (FocalNet, Focal-fast or the Focal Transformer)."""
   from focal_jax.convert.reference import reference_model
 
   return reference_model(config)
@@ -448,7 +459,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   parser.add_argument("--repeats", type=int, default=5, help="timed calls (median reported)")
   parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
-  parser.add_argument("--mode", choices=("inference", "train", "both"), default="both")
+  parser.add_argument("--mode", choices=("inference", "train", "both", "input"), default="both",
+                      help="input: host input throughput (options: python -m "
+                           "focal_jax.data.throughput --help)")
   parser.add_argument("--sweep", action="store_true",
                       help="inference at each of --sizes (--img-size: only for --mode train/both)")
   parser.add_argument("--sizes", type=_sizes, default=SWEEP_SIZES, metavar="S1,S2,...",
@@ -462,12 +475,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            "use less than 0.25 CPU cores (shared machines)")
   parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
   parser.add_argument("--worker-mode", choices=("inference", "train"), help=argparse.SUPPRESS)
-  args = parser.parse_args(argv)
+  args, rest = parser.parse_known_args(argv)
+  args.input_argv = rest  # the options of focal_jax.data.throughput, for --mode input
+  if rest and args.mode != "input":
+    parser.error(f"unrecognized arguments: {' '.join(rest)}")
+  if args.mode == "input":
+    return args
   if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
     parser.error("--batch and --repeats must be >= 1 and --warmup >= 0.")
   if args.worker:  # checked by the parent; a worker imports only what it measures
     return args
-  from focal_jax.models import make_config
+  from focal_jax.models import make_model_config
 
   checks = [("--model", args.model, {})]  # the variant, then every size, before any worker
   checks += [("--sizes", size, {"img_size": size}) for size in args.sizes] if args.sweep else []
@@ -475,14 +493,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     checks.append(("--img-size", args.img_size, {"img_size": args.img_size}))
   for flag, value, size in checks:
     try:
-      make_config(args.model, num_classes=args.num_classes, **size, **model_overrides(args))
+      make_model_config(args.model, num_classes=args.num_classes, **size, **model_overrides(args))
     except ValueError as error:
       parser.error(f"{flag} {value}: {error}")
   return args
 
 
-def main(argv: list[str] | None = None) -> list[Result]:
+def main(argv: list[str] | None = None) -> list:
+  """Model measurements (list of Result), or with --mode input the input throughput
+  measurements (list of focal_jax.data.throughput.InputResult)."""
   args = parse_args(argv)
+  if args.mode == "input":
+    from focal_jax.data import throughput  # noqa: PLC0415  (imports TensorFlow)
+
+    return throughput.main(args.input_argv)
   if args.worker:  # inside a worker process: one measurement, one JSON line
     result = (run_jax if args.worker == "jax" else run_torch)(args)
     print(_RESULT_MARK + json.dumps(dataclasses.asdict(result)), flush=True)

@@ -78,6 +78,19 @@ def closure(requirements: list[Requirement]) -> dict[str, str]:
   return pinned
 
 
+def apart_pins(extra: str = "gpu-plan") -> dict[str, str]:
+  """{canonical name: version} of an extra setup.sh installs apart (`pip install --target
+  .venv/<extra> --no-deps`), as installed there; empty when it is not."""
+  directory = os.path.join(sys.prefix, extra)
+  if not os.path.isdir(directory):
+    return {}
+  installed = {canonicalize_name(d.metadata["Name"]): d.version
+               for d in metadata.distributions(path=[directory])}
+  return {canonicalize_name(r.name): installed[canonicalize_name(r.name)]
+          for r in declared_requirements((extra,))[len(declared_requirements(())):]
+          if canonicalize_name(r.name) in installed}
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--extras", default=",".join(DEFAULT_EXTRAS),
@@ -86,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   extras = tuple(e for e in args.extras.split(",") if e)
   pinned = closure(declared_requirements(extras))
+  pinned.update(apart_pins())  # the `gpu-plan` packages, installed apart by setup.sh
   header = [
       "# The exact versions the tests ran with: focal_jax[" + ",".join(extras) + "] and everything",
       f"# it requires, on Python {platform.python_version()} / {sys.platform} "

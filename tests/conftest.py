@@ -8,8 +8,16 @@ import os
 os.environ.setdefault(
     "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_multi_thread_eigen=false")
 
-import jax
-import numpy as np
+# triton (PyTorch's compiler, which timm and torchvision import) crashes the process when it
+# is loaded after TensorFlow (both carry LLVM); loaded first, before any test imports TensorFlow,
+# both work. The reference tests (FocalNet against timm) need both in one process.
+try:
+  import triton  # noqa: F401
+except ImportError:  # no PyTorch with triton: nothing to order
+  pass
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 # Narrow and shallow but structurally complete: at img_size 224 the stage grids are
 # 56/28/14/7, so stages 1-3 have rings and pooled levels and stage 4 falls back to one

@@ -7,13 +7,15 @@ two compiles; the error cases stop before compiling.
 import contextlib
 import io
 import json
+import math
 import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
 
-from focal_jax import aot
+from focal_jax import aot, hlo_cost, vit_reference
 from focal_jax.training import memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -208,3 +210,50 @@ def test_the_readme_table_commands_build_the_official_step_configs(variant):
       assert config.mesh.data == 4 and config.mesh.fsdp == 1
       assert bool(config.model.overrides.get("remat", False)) == bool(remat)
       assert config.model.name == variant
+
+
+def test_roofline_fields_follow_from_the_chip_and_the_step(small):
+  v5e = aot.TPU_GENERATIONS["v5e"]
+  assert small["peak_flops_per_chip"] == v5e.peak_bf16_flops == 197e12
+  assert small["hbm_bandwidth_per_chip"] == v5e.hbm_bandwidth == 819e9
+  assert small["flops_source"] == "xla"
+  flops, nbytes = small["flops_per_chip"], small["bytes_accessed_per_chip"]
+  assert small["flops_per_byte"] == pytest.approx(flops / nbytes)
+  assert small["roofline_img_s_per_chip"] == pytest.approx(
+      16 / max(flops / 197e12, nbytes / 819e9))
+
+
+def test_bytes_by_group_add_up_to_the_step(small):
+  """The kernels grouped by what they compute: every group of the fixed set, the bytes
+  summing to XLA's own count, the FLOPs to the model's."""
+  groups = small["bytes_by_group"]
+  assert list(groups) == list(hlo_cost.GROUPS)
+  for name, group in groups.items():
+    assert group["bytes"] >= 0 and group["flops"] >= 0 and group["kernels"] >= 0, name
+    assert (group["bytes"] > 0) == (group["kernels"] > 0), name
+  for name in ("attention_keys", "attention_products", "attention_projections", "softmax",
+               "mlp", "norm", "patch_embed", "optimizer", "collectives"):
+    assert groups[name]["kernels"] > 0 and groups[name]["bytes"] > 0, name
+  for name in ("attention_products", "attention_projections", "mlp", "patch_embed"):
+    assert groups[name]["flops"] > 0, name
+  total = sum(group["bytes"] for group in groups.values())
+  assert total == pytest.approx(small["bytes_accessed_per_chip"], rel=0.15)
+  args = aot.parser().parse_args(README_ARGS)
+  config = aot.step_config(aot.load_config(DEMO), args, 4, 16)
+  model_flops = aot.model_step_flops(aot.model_spec(config, 10), 16)
+  assert sum(group["flops"] for group in groups.values()) == pytest.approx(model_flops, rel=0.25)
+
+
+def test_tiled_layouts_pad_the_bytes():
+  """A TPU array takes the room of whole (8, 128) tiles: 49 x 49 bfloat16 fills 56 x 128."""
+  assert hlo_cost.array_bytes("bf16[49,49]{1,0:T(8,128)(2,1)}") == 56 * 128 * 2
+  # Dimension 0 is minor here: it pads to 128, dimension 1 to 56.
+  assert hlo_cost.array_bytes("f32[3,49]{0,1:T(8,128)}") == 128 * 56 * 4
+  assert hlo_cost.array_bytes("(f32[2,3]{1,0}, s32[4]{0})") == 2 * 3 * 4 + 4 * 4
+
+
+def test_vit_reference_is_vit_s16():
+  spec = vit_reference.model_spec(1000, 224, jnp.bfloat16)
+  params = sum(math.prod(x.shape) for x in jax.tree.leaves(spec.abstract_params))
+  assert params == 22_050_664  # ViT-S/16 (DeiT-S): 22.05 M
+  assert vit_reference.official_macs() == pytest.approx(4.6e9, rel=0.01)

@@ -5,7 +5,9 @@
 
 CKPT is a training workdir (its latest checkpoint; `--ema` takes the EMA parameters) or a
 parameter export (a directory with model.json and params/). `.safetensors` works wherever
-`.pth` does, without PyTorch. Official-name options (`--set use_conv_embed=True`) and
+`.pth` does, without PyTorch. FocalNet weights may also come in timm's or transformers'
+layout (`FocalNetForImageClassification`'s .safetensors or .bin); to-torch writes the
+official one. Official-name options (`--set use_conv_embed=True`) and
 `--img-size` describe the PyTorch model for from-torch. `--task segmentation` reads and
 writes UPerNet segmenters in mmsegmentation's layout (`{"meta", "state_dict"}` files,
 `--num-classes`, `--img-size` 512 by default); to-torch reads the task from the export.
@@ -26,7 +28,7 @@ from flax import nnx
 from focal_jax import storage, weights
 from focal_jax.convert.api import TASKS, from_torch_state_dict, to_torch_state_dict
 from focal_jax.convert.segmentation import checkpoint_meta
-from focal_jax.models import VARIANTS
+from focal_jax.models import MODEL_NAMES
 from focal_jax.weights import segmenter_exports
 
 
@@ -122,14 +124,14 @@ def main(argv: list[str] | None = None) -> None:
                                    description=__doc__.splitlines()[0])
   commands = parser.add_subparsers(dest="command", required=True)
   out = commands.add_parser("to-torch", help="focal_jax checkpoint -> official .pth/.safetensors")
-  out.add_argument("--model", choices=sorted(VARIANTS), help="expected variant (checked)")
+  out.add_argument("--model", choices=sorted(MODEL_NAMES), help="expected variant (checked)")
   out.add_argument("--checkpoint", required=True, help="training workdir or parameter export")
   out.add_argument("--output", required=True, help="out.pth or out.safetensors")
   out.add_argument("--ema", action="store_true", help="export the EMA parameters of a workdir")
   out.add_argument("--task", choices=TASKS, help="expected task (read from the export)")
   out.set_defaults(run=to_torch)
   into = commands.add_parser("from-torch", help="official .pth/.safetensors -> parameter export")
-  into.add_argument("--model", required=True, choices=sorted(VARIANTS))
+  into.add_argument("--model", required=True, choices=sorted(MODEL_NAMES))
   into.add_argument("--checkpoint", required=True, help="in.pth or in.safetensors")
   into.add_argument("--output", required=True, help="directory for the parameter export")
   into.add_argument("--img-size", type=int, nargs="+",

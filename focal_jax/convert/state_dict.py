@@ -8,10 +8,25 @@ import jax
 import numpy as np
 from flax import nnx
 
-from focal_jax.convert.names import Entry, official_entries
-from focal_jax.models.focal_transformer import FocalTransformer, create_model
+from focal_jax.convert import focalnet_names, names
+from focal_jax.convert.names import Entry
+from focal_jax.models import FocalNet, FocalTransformer, create_model
 from focal_jax.weights.errors import InvalidWeights, StateDictMismatch
 from focal_jax.weights.files import unwrap_state_dict
+
+
+def official_entries(model: FocalTransformer) -> list[Entry]:
+  """The official state_dict entries of a model of either family."""
+  if isinstance(model, FocalNet):
+    return focalnet_names.official_entries(model)
+  return names.official_entries(model)
+
+
+def _official_layout(state_dict: Mapping[str, Any], model: FocalTransformer) -> Mapping[str, Any]:
+  """FocalNet weights in timm's or transformers' layout, renamed to the official one."""
+  if isinstance(model, FocalNet):
+    return focalnet_names.to_official(state_dict, model)
+  return state_dict
 
 
 def _param_at(params: Any, path: tuple) -> nnx.Variable:
@@ -170,7 +185,7 @@ def load_state_dict(model: FocalTransformer, state_dict: Mapping[str, Any],
                     variant: str = "the model", source: str | None = None) -> FocalTransformer:
   """Copies an official state_dict into `model` in place (strict: every key must fit, and
   every parameter must be finite floating point). `source` names the file in errors."""
-  state_dict = unwrap_state_dict(state_dict)
+  state_dict = _official_layout(unwrap_state_dict(state_dict), model)
   entries = official_entries(model)
   check_state_dict(state_dict, entries, variant, source)
   params = nnx.state(model, nnx.Param)
@@ -190,7 +205,7 @@ def params_by_path(state_dict: Mapping[str, Any], model: FocalTransformer
   `model`'s parameter they map to, whatever their shapes (the caller decides what fits);
   and the state_dict keys that are no parameter of `model`. Buffers are left out: the model
   computes its own. `model` may be abstract (`nnx.eval_shape`)."""
-  state_dict = unwrap_state_dict(state_dict)
+  state_dict = _official_layout(unwrap_state_dict(state_dict), model)
   entries = official_entries(model)
   buffers = {e.key for e in entries if e.buffer is not None}
   params = {}
@@ -203,19 +218,25 @@ def params_by_path(state_dict: Mapping[str, Any], model: FocalTransformer
   return params, unexpected
 
 
+# The classifier weight in the official layout (both families), timm's and transformers'.
+HEAD_WEIGHT_KEYS = ("head.weight", "head.fc.weight", "classifier.weight")
+
+
 def from_torch_state_dict(state_dict: Mapping[str, Any], name: str | None = "focal_tiny",
                           img_size: Any = 224, source: str | None = None,
                           **overrides: Any) -> FocalTransformer:
   """Builds the variant `name` (with official-name overrides) holding the given weights.
 
-  `num_classes` is read from the head unless given. Raises StateDictMismatch, listing
+  `num_classes` is read from the head unless given. FocalNet weights may come in the
+  official layout, timm's or transformers' (recognised by their keys). Raises StateDictMismatch, listing
   missing, unexpected and wrongly shaped keys, when the weights belong to another model,
   and InvalidWeights for parameters that are not finite floating point; `source` (the file
   the weights came from) is named in both.
   """
   state_dict = unwrap_state_dict(state_dict)
   if "num_classes" not in overrides:
-    overrides["num_classes"] = int(np.shape(state_dict["head.weight"])[0]) if "head.weight" in state_dict else 0
+    head = next((state_dict[k] for k in HEAD_WEIGHT_KEYS if k in state_dict), None)
+    overrides["num_classes"] = int(np.shape(head)[0]) if head is not None else 0
   model = create_model(name, img_size=img_size, **overrides)
   label = name or "the configured model"
   return load_state_dict(model, state_dict, f"{label} (img_size={img_size}, options={overrides})",

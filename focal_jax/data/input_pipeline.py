@@ -227,19 +227,45 @@ def create_train_dataset(
   """
   _hide_accelerators_from_tf()
   index, count = _process(process_index, process_count)
+  augment, end = _classification_augment(config)
+  return train_stream(
+      builder, split=split, global_batch_size=global_batch_size, augment=augment,
+      end_example=end, seed=seed, start_step=start_step, start_position=start_position,
+      shuffle_buffer=shuffle_buffer, process_index=index, process_count=count,
+      threads=threads, with_positions=with_positions)
+
+
+def train_batches_from_records(
+    records: tf.data.Dataset, *, records_per_epoch: int, local_batch_size: int,
+    config: AugmentConfig = AugmentConfig(), seed: int = 0, start_step: int = 0,
+    start_position: tuple[int, int] | None = None, shuffle_buffer: int = 10_000,
+    process_index: int = 0, threads: int | None = None, with_positions: bool = False,
+    name: str = "the records",
+) -> tf.data.Dataset:
+  """The training pipeline of `create_train_dataset` over `records` ({"image": encoded
+  bytes, "label"}, one process's share in file order): shuffled, augmented, batched.
+
+  An epoch is the first `records_per_epoch` records; `name` says what they are in errors.
+  """
+  augment, end = _classification_augment(config)
+  return stream_from_records(
+      records, records_per_epoch=records_per_epoch, local_batch_size=local_batch_size,
+      augment=augment, end_example=end, seed=seed, start_step=start_step,
+      start_position=start_position, shuffle_buffer=shuffle_buffer,
+      process_index=process_index, threads=threads, with_positions=with_positions, name=name)
+
+
+def _classification_augment(config: AugmentConfig):
+  """The classification task's `augment(record, seed)` and its epoch-end example."""
   transform = _traced_train_transform(config)
   size = config.image_size
 
-  def _augment(example, example_seed):
+  def augment(example, example_seed):
     return {"image": transform(example["image"], example_seed),
             "label": tf.cast(example["label"], tf.int32)}
 
   end = {"image": tf.zeros([size, size, 3], tf.float32), "label": tf.constant(0, tf.int32)}
-  return train_stream(
-      builder, split=split, global_batch_size=global_batch_size, augment=_augment,
-      end_example=end, seed=seed, start_step=start_step, start_position=start_position,
-      shuffle_buffer=shuffle_buffer, process_index=index, process_count=count,
-      threads=threads, with_positions=with_positions)
+  return augment, end
 
 
 def train_stream(
@@ -250,27 +276,46 @@ def train_stream(
     process_index: int, process_count: int, threads: int | None = None,
     with_positions: bool = False,
 ) -> tf.data.Dataset:
-  """The deterministic, resumable training stream that every task's pipeline batches.
-
-  `augment(record, seed)` turns one undecoded record (the builder's features, images left
-  encoded) into an example dict; `seed` (int64 [2]) is (epoch key, position in the epoch).
-  `end_example` is a dict of the same structure (any values): it marks an epoch's end
-  internally and never reaches the caller. Records whose `augment` fails are skipped.
-  """
+  """The deterministic, resumable training stream that every task's pipeline batches: this
+  process's share of `split`, read in file order, through `stream_from_records`."""
   index, count = process_index, process_count
   local = local_batch_size(global_batch_size, count)
   steps = train_steps_per_epoch(builder, split, global_batch_size, count)
-  records_per_epoch = steps * local  # the last partial batch of the share is dropped
+  # Records in file order (TFDS shuffled them globally when it wrote the files).
+  records = builder.as_dataset(
+      split=train_split_for_process(split, index, count), shuffle_files=False,
+      decoders=skip_image_decoding(builder.info.features),
+      read_config=tfds.ReadConfig(try_autocache=False))
+  return stream_from_records(
+      records, records_per_epoch=steps * local,  # the share's last partial batch is dropped
+      local_batch_size=local, augment=augment, end_example=end_example, seed=seed,
+      start_step=start_step, start_position=start_position, shuffle_buffer=shuffle_buffer,
+      process_index=index, threads=threads, with_positions=with_positions,
+      name=f"split {split!r} of {builder.name}")
+
+
+def stream_from_records(
+    records: tf.data.Dataset, *, records_per_epoch: int, local_batch_size: int,
+    augment: Callable[[dict[str, tf.Tensor], tf.Tensor], dict[str, tf.Tensor]],
+    end_example: dict[str, tf.Tensor], seed: int, start_step: int = 0,
+    start_position: tuple[int, int] | None = None, shuffle_buffer: int,
+    process_index: int, threads: int | None = None, with_positions: bool = False,
+    name: str = "the records",
+) -> tf.data.Dataset:
+  """Shuffled, augmented, batched epochs of `records` (one process's share in file order).
+
+  `augment(record, seed)` turns one undecoded record (images left encoded) into an example
+  dict; `seed` (int64 [2]) is (epoch key, position in the epoch). `end_example` is a dict of
+  the same structure (any values): it marks an epoch's end internally and never reaches the
+  caller. Records whose `augment` fails are skipped. An epoch is the first
+  `records_per_epoch` records; `name` says what they are in errors.
+  """
+  index, local = process_index, local_batch_size
+  steps = records_per_epoch // local
   if start_position is None:
     start_epoch, within = divmod(start_step, steps)
     start_position = (start_epoch, within * local)
   start_epoch, start_record = normalize_position(start_position, records_per_epoch)
-  # Records in file order (TFDS shuffled them globally when it wrote the files).
-  features = builder.info.features
-  records = builder.as_dataset(
-      split=train_split_for_process(split, index, count), shuffle_files=False,
-      decoders=skip_image_decoding(features),
-      read_config=tfds.ReadConfig(try_autocache=False))
 
   def _augment(key, epoch, position, example):
     example_seed = tf.stack([key, position])
@@ -292,7 +337,7 @@ def train_stream(
     is_end = example["position"] < 0
     nothing = is_end & (decoded == 0) & (example["records"] == records_per_epoch)
     check = tf.debugging.Assert(tf.logical_not(nothing), [
-        f"No image of a whole epoch of split {split!r} of {builder.name} (process {index}) "
+        f"No image of a whole epoch of {name} (process {index}) "
         "could be decoded; check the dataset files and their image format. Epoch:",
         example["epoch"]])
     with tf.control_dependencies([check]):

@@ -12,7 +12,8 @@ from flax import nnx
 from focal_jax.models.focal import index_tables, windows
 from focal_jax.models.focal.attention import FocalWindowAttention
 from focal_jax.models.focal_fast.attention import FocalFastAttention
-from focal_jax.models.layers import Mlp, axes, conv, dense, drop_path, layer_norm
+from focal_jax.models.layers import (Mlp, axes, conv, dense, drop_path, layer_norm,
+                                     residual)
 
 
 def block_geometry(resolution: tuple[int, int], window_size: int, expand_size: int,
@@ -101,13 +102,13 @@ class FocalTransformerBlock(nnx.Module):
     weights = fc.kernel[...].reshape(side, side).astype(x.dtype)
     return jnp.einsum("bxiyjc,ij->bxyc", x, weights) + fc.bias[...].astype(x.dtype)
 
+  def static_options(self) -> tuple[int, int, int]:
+    """What decides this block's program beyond its parameter shapes."""
+    return self.window_size, self.expand_size, self.shift_size
+
   def _residual(self, x: jnp.ndarray, branch: jnp.ndarray, gamma: nnx.Param | None,
                 drop_rate: jax.Array | None) -> jnp.ndarray:
-    if gamma is not None:
-      branch = gamma[...].astype(branch.dtype) * branch
-    if self.drop_path is not None:
-      branch = self.drop_path(branch, rate=drop_rate)
-    return x + branch
+    return residual(x, branch, gamma, self.drop_path, drop_rate)
 
   def __call__(self, x: jnp.ndarray, drop_rate: jax.Array | None = None) -> jnp.ndarray:
     """[B, H, W, C] -> [B, H, W, C]. `drop_rate` overrides the stochastic-depth rate (a

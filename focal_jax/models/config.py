@@ -18,8 +18,42 @@ PROJECT_OPTIONS = ("dtype", "remat", "scan_blocks", "version")
 VERSIONS = (1, 2)
 
 
+class StageGeometry:
+  """Stage widths, grids and stochastic-depth rates shared by every family's config (a
+  dataclass with `img_size`, `patch_size`, `embed_dim`, `depths`, `drop_path_rate`): each
+  stage halves the grid and doubles the width, as in both official generations."""
+
+  @property
+  def num_layers(self) -> int:
+    return len(self.depths)
+
+  @property
+  def num_features(self) -> int:
+    return self.embed_dim * 2 ** (self.num_layers - 1)
+
+  @property
+  def size_multiple(self) -> int:
+    """Input height and width must be multiples of this (32 for the official layout)."""
+    return self.patch_size * 2 ** (self.num_layers - 1)
+
+  def stage_dim(self, stage: int) -> int:
+    return self.embed_dim * 2**stage
+
+  def stage_resolution(self, stage: int, size: Sequence[int] | None = None) -> tuple[int, int]:
+    """Token-grid size of a stage for an input of `size` (default: the built img_size)."""
+    height, width = size if size is not None else self.img_size
+    return height // self.patch_size // 2**stage, width // self.patch_size // 2**stage
+
+  def drop_path_rates(self) -> list[float]:
+    """Linearly increasing stochastic depth over all blocks, as officially."""
+    total = sum(self.depths)
+    if total == 1:
+      return [0.0]
+    return [self.drop_path_rate * i / (total - 1) for i in range(total)]
+
+
 @dataclasses.dataclass(frozen=True)
-class FocalConfig:
+class FocalConfig(StageGeometry):
   """Hyperparameters of a Focal Transformer, named as in the official constructor.
 
   `expand_stages` is accepted for compatibility and, as in the official code, has no
@@ -72,34 +106,6 @@ class FocalConfig:
     kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
     return {k: list(v) if isinstance(v, tuple) and k != "img_size" else v
             for k, v in kwargs.items()}
-
-  @property
-  def num_layers(self) -> int:
-    return len(self.depths)
-
-  @property
-  def num_features(self) -> int:
-    return self.embed_dim * 2 ** (self.num_layers - 1)
-
-  @property
-  def size_multiple(self) -> int:
-    """Input height and width must be multiples of this (32 for the official layout)."""
-    return self.patch_size * 2 ** (self.num_layers - 1)
-
-  def stage_dim(self, stage: int) -> int:
-    return self.embed_dim * 2**stage
-
-  def stage_resolution(self, stage: int, size: Sequence[int] | None = None) -> tuple[int, int]:
-    """Token-grid size of a stage for an input of `size` (default: the built img_size)."""
-    height, width = size if size is not None else self.img_size
-    return height // self.patch_size // 2**stage, width // self.patch_size // 2**stage
-
-  def drop_path_rates(self) -> list[float]:
-    """Linearly increasing stochastic depth over all blocks, as officially."""
-    total = sum(self.depths)
-    if total == 1:
-      return [0.0]
-    return [self.drop_path_rate * i / (total - 1) for i in range(total)]
 
 
 # name -> official constructor arguments (SPEC section 1).

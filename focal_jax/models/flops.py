@@ -12,6 +12,8 @@ from focal_jax.models.focal_fast.attention import FocalFastAttention
 from focal_jax.models.block import FocalTransformerBlock
 from focal_jax.models.config import to_pair
 from focal_jax.models.focal_transformer import FocalTransformer
+from focal_jax.models.focalnet import FocalNet
+from focal_jax.models.focalnet import flops as focalnet_flops
 
 
 def _attention_macs(block: FocalTransformerBlock, dim: int) -> float:
@@ -80,7 +82,9 @@ def stage_macs(model: FocalTransformer, img_size: Sequence[int]) -> list[float]:
 
 
 def official_macs(model: FocalTransformer, img_size: Any = None) -> float:
-  """The official `FocalTransformer.flops()` for this model at `img_size`."""
+  """The official `FocalTransformer.flops()` (or `FocalNet.flops()`) for this model at `img_size`."""
+  if isinstance(model, FocalNet):
+    return focalnet_flops.official_macs(model, img_size)
   config = model.config
   size = to_pair(img_size) if img_size is not None else config.img_size
   height, width = config.stage_resolution(0, size)

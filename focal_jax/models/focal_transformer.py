@@ -22,15 +22,14 @@ from focal_jax.models.layers import PatchEmbed, axes, dense, layer_norm, trunc_n
 SCAN_MIN_BLOCKS = 8
 
 
-def _block_signature(block: FocalTransformerBlock) -> Any:
+def _block_signature(block: nnx.Module) -> Any:
   """Everything that decides a block's program except its stochastic-depth rate."""
   state = nnx.state(block)
   shapes = tuple((leaf.shape, str(leaf.dtype)) for leaf in jax.tree.leaves(state))
-  return (block.window_size, block.expand_size, block.shift_size, block.drop_path is None,
-          jax.tree.structure(state), shapes)
+  return (block.static_options(), block.drop_path is None, jax.tree.structure(state), shapes)
 
 
-def identical_runs(blocks: list[FocalTransformerBlock]) -> tuple[tuple[int, int], ...]:
+def identical_runs(blocks: list[nnx.Module]) -> tuple[tuple[int, int], ...]:
   """[start, stop) ranges of consecutive blocks with the same signature."""
   runs, start = [], 0
   signatures = [_block_signature(b) for b in blocks]
@@ -41,7 +40,7 @@ def identical_runs(blocks: list[FocalTransformerBlock]) -> tuple[tuple[int, int]
   return tuple(runs)
 
 
-def scan_blocks(blocks: list[FocalTransformerBlock], x: jnp.ndarray, remat: bool) -> jnp.ndarray:
+def scan_blocks(blocks: list[nnx.Module], x: jnp.ndarray, remat: bool) -> jnp.ndarray:
   """Runs identical blocks one after another under `lax.scan` over their stacked state.
 
   Parameters stay in the blocks (the module tree and the checkpoint names do not change);
@@ -74,6 +73,23 @@ class FocalStage(nnx.Module):
   def __init__(self, config: FocalConfig, stage: int, drop_path_rates: list[float],
                rngs: nnx.Rngs):
     dim = config.stage_dim(stage)
+    blocks = self.build_blocks(config, stage, drop_path_rates, rngs)
+    self.blocks = nnx.List(blocks)
+    self.remat = config.remat
+    self.block_runs = identical_runs(blocks) if config.scan_blocks else tuple(
+        (i, i + 1) for i in range(len(blocks)))
+    if stage < config.num_layers - 1:
+      self.downsample = PatchEmbed(
+          dim, 2 * dim, patch_size=2, is_stem=False, use_conv_embed=config.use_conv_embed,
+          use_norm=True, use_pre_norm=config.use_pre_norm, dtype=config.dtype, rngs=rngs)
+    else:
+      self.downsample = None
+
+  @staticmethod
+  def build_blocks(config: FocalConfig, stage: int, drop_path_rates: list[float],
+                   rngs: nnx.Rngs) -> list[nnx.Module]:
+    """The stage's focal self-attention blocks (another family's stage overrides this)."""
+    dim = config.stage_dim(stage)
     resolution = config.stage_resolution(stage)
     pool_method = config.focal_pool if stage in config.focal_stages else "none"
     blocks = []
@@ -89,16 +105,7 @@ class FocalStage(nnx.Module):
           focal_window=config.focal_windows[stage], use_layerscale=config.use_layerscale,
           layerscale_value=config.layerscale_value, dtype=config.dtype, rngs=rngs,
           version=config.version, focal_topK=config.focal_topK))
-    self.blocks = nnx.List(blocks)
-    self.remat = config.remat
-    self.block_runs = identical_runs(blocks) if config.scan_blocks else tuple(
-        (i, i + 1) for i in range(len(blocks)))
-    if stage < config.num_layers - 1:
-      self.downsample = PatchEmbed(
-          dim, 2 * dim, patch_size=2, is_stem=False, use_conv_embed=config.use_conv_embed,
-          use_norm=True, use_pre_norm=config.use_pre_norm, dtype=config.dtype, rngs=rngs)
-    else:
-      self.downsample = None
+    return blocks
 
   @property
   def scanned_runs(self) -> tuple[tuple[int, int], ...]:
@@ -130,6 +137,8 @@ class FocalTransformer(nnx.Module):
   for dense-prediction heads. Parameter names mirror the official PyTorch module tree.
   """
 
+  stage_class = FocalStage  # the family's stage: its blocks are what differs
+
   def __init__(self, config: FocalConfig, *, rngs: nnx.Rngs):
     self.config = config
     dtype = config.dtype
@@ -149,7 +158,8 @@ class FocalTransformer(nnx.Module):
     layers = []
     for stage in range(config.num_layers):
       start = sum(config.depths[:stage])
-      layers.append(FocalStage(config, stage, rates[start:start + config.depths[stage]], rngs))
+      layers.append(self.stage_class(config, stage, rates[start:start + config.depths[stage]],
+                                     rngs))
     self.layers = nnx.List(layers)
     self.norm = layer_norm(config.num_features, dtype=dtype, rngs=rngs)
     self.head = (dense(config.num_features, config.num_classes, "embed", "classes",

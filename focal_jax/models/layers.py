@@ -152,6 +152,17 @@ def drop_path(rate: float, rngs: nnx.Rngs) -> DropPath | None:
   return DropPath(rate, broadcast_dims=(1, 2, 3), rngs=rngs) if rate > 0 else None
 
 
+def residual(x: jnp.ndarray, branch: jnp.ndarray, gamma: nnx.Param | None,
+             path_drop: DropPath | None, drop_rate: jax.Array | None = None) -> jnp.ndarray:
+  """x + DropPath(gamma * branch): a block's residual step, with optional layer scale
+  `gamma` [C] and stochastic depth (`drop_rate` overrides its rate under `lax.scan`)."""
+  if gamma is not None:
+    branch = gamma[...].astype(branch.dtype) * branch
+  if path_drop is not None:
+    branch = path_drop(branch, rate=drop_rate)
+  return x + branch
+
+
 class Mlp(nnx.Module):
   """fc1 -> exact (erf) GELU -> dropout -> fc2 -> dropout."""
 

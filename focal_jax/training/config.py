@@ -15,7 +15,7 @@ from typing import Any
 
 import ml_collections
 
-import focal_jax
+from focal_jax import models
 
 MODES = ("train", "eval")
 TASKS = ("classification", "segmentation")
@@ -48,7 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.init_from_exclude = ()
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "focal_tiny"  # a variant of focal_jax.VARIANTS, or "" for overrides only
+  c.model.name = "focal_tiny"  # a variant of focal_jax.models.ALL_VARIANTS, or "" for overrides only
   # Official constructor arguments (SPEC section 1) on top of the variant's values.
   # drop_path_rate unset: the variant's recipe value (T 0.2, S 0.3, B 0.5, conv and Focal-fast
   # alike), so that changing model.name alone trains the variant's recipe.
@@ -182,9 +182,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "focal_jax/training/config.py (default_config); model options go under "
         "model.overrides with the official constructor names.")
   name = config.model.name
-  if name and name not in focal_jax.VARIANTS:
+  if name and name not in models.ALL_VARIANTS:
     raise ValueError(f"Unknown model variant model.name={name!r}. Expected one of: "
-                     f"{', '.join(focal_jax.VARIANTS)} (or '' to build from model.overrides).")
+                     f"{', '.join(models.ALL_VARIANTS)} (or '' to build from model.overrides).")
   if config.mode not in MODES:
     raise ValueError(f"mode={config.mode!r}; expected one of {MODES}.")
   if config.task not in TASKS:
@@ -223,7 +223,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   overrides = model_overrides(config)
   for segmenter_option in SEGMENTER_OPTIONS:  # create_segmenter's own, not the backbone's
     overrides.pop(segmenter_option, None)
-  focal_jax.make_config(name or None, img_size=config.image_size, **overrides)
+  models.make_model_config(name or None, img_size=config.image_size, **overrides)
 
 
 def mixup_group_size(config: ml_collections.ConfigDict) -> int:
@@ -248,7 +248,7 @@ def model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
     overrides[key] = tuple(value) if isinstance(value, list) else value
   if "drop_path_rate" in overrides and overrides["drop_path_rate"] is None:
     name = config.model.name
-    overrides["drop_path_rate"] = (focal_jax.VARIANTS[name]["drop_path_rate"] if name
+    overrides["drop_path_rate"] = (models.ALL_VARIANTS[name]["drop_path_rate"] if name
                                    else CUSTOM_DROP_PATH_RATE)
   return overrides
 

@@ -136,15 +136,16 @@ def bytes_per_device(tree: Any) -> int:
   return total
 
 
-def compile_measured(lowered: jax.stages.Lowered, arguments: Any
+def compile_measured(lowered: jax.stages.Lowered, arguments: Any,
+                     compiler_options: dict[str, Any] | None = None
                      ) -> tuple[jax.stages.Compiled | None, int | None, str | None]:
   """(compiled or None, peak bytes per device, the compiler's refusal or None).
 
   A compile that fails for lack of device memory (RESOURCE_EXHAUSTED) gives no executable;
   its bytes are then the arguments' plus the temporaries the error names (None if it names
-  none)."""
+  none). `compiler_options`: XLA options for this compile."""
   try:
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options or None)
   except jax.errors.JaxRuntimeError as error:
     message = str(error)
     if "RESOURCE_EXHAUSTED" not in message:

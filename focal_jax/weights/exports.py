@@ -99,25 +99,36 @@ def model_from_params(description: dict[str, Any], params: Any, where: str,
   streams are seeded from `seed`."""
   graphdef, expected, abstract_rest = abstract_model(description)
   params = _int_keys(params)
+  check_shapes(params, expected, f"The parameters in {where} do not fit the model described "
+               f"beside them ({description})")
+  return merge_with_fresh_rest(graphdef, params, abstract_rest, seed)
+
+
+def check_shapes(got_tree: Any, expected_tree: Any, what: str) -> None:
+  """Raises ValueError(`what` + the missing, unexpected and wrongly shaped names) unless the
+  two trees hold the same names with the same shapes."""
   got = {jax.tree_util.keystr(k): tuple(np.shape(v))
-         for k, v in jax.tree_util.tree_leaves_with_path(params)}
+         for k, v in jax.tree_util.tree_leaves_with_path(got_tree)}
   want = {jax.tree_util.keystr(k): tuple(v.shape)
-          for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+          for k, v in jax.tree_util.tree_leaves_with_path(expected_tree)}
   if got != want:
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])
-    raise ValueError(f"The parameters in {where} do not fit the model described beside them "
-                     f"({description}): missing {missing[:5]}, unexpected {extra[:5]}, wrong "
+    raise ValueError(f"{what}: missing {missing[:5]}, unexpected {extra[:5]}, wrong "
                      f"shape {wrong[:5]}.")
 
-  def placeholder(leaf):  # RNG streams; reseeded below
+
+def merge_with_fresh_rest(graphdef: Any, values: Any, abstract_rest: Any, seed: int) -> Any:
+  """The module of `graphdef` from `values` and placeholders for the rest of its state (the
+  RNG streams), reseeded from `seed`."""
+  def placeholder(leaf):
     if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
       return jax.random.wrap_key_data(jnp.zeros((*leaf.shape, 2), jnp.uint32))
     return jnp.zeros(leaf.shape, leaf.dtype)
 
-  model = nnx.merge(graphdef, params, jax.tree.map(placeholder, abstract_rest))
-  nnx.reseed(model, dropout=seed + 1)
-  return model
+  module = nnx.merge(graphdef, values, jax.tree.map(placeholder, abstract_rest))
+  nnx.reseed(module, dropout=seed + 1)
+  return module
 
 
 def load_exported_model(path: str, seed: int = 0) -> FocalTransformer:

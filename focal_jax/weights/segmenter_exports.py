@@ -9,13 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from focal_jax.models.segmenter import Segmenter, create_segmenter
-from focal_jax.weights.exports import (_int_keys, export_params, load_exported_params,
+from focal_jax.weights.exports import (_int_keys, check_shapes, merge_with_fresh_rest, export_params, load_exported_params,
                                        overrides_from_json, read_description)
 from focal_jax.weights.layout import EXPORT_FORMAT
 
@@ -57,22 +54,6 @@ def load_exported_segmenter(path: str, seed: int = 0) -> Segmenter:
   graphdef, expected, rest = nnx.split(model, EXPORTED, ...)
   expected = nnx.to_pure_dict(expected)
   values = _int_keys(load_exported_params(path))
-  got = {jax.tree_util.keystr(k): tuple(np.shape(v))
-         for k, v in jax.tree_util.tree_leaves_with_path(values)}
-  want = {jax.tree_util.keystr(k): tuple(v.shape)
-          for k, v in jax.tree_util.tree_leaves_with_path(expected)}
-  if got != want:
-    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])
-    raise ValueError(f"The export {path} does not fit the segmenter described beside it "
-                     f"({description}): missing {missing[:5]}, unexpected {extra[:5]}, wrong "
-                     f"shape {wrong[:5]}.")
-
-  def placeholder(leaf):  # RNG streams; reseeded below
-    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-      return jax.random.wrap_key_data(jnp.zeros((*leaf.shape, 2), jnp.uint32))
-    return jnp.zeros(leaf.shape, leaf.dtype)
-
-  segmenter = nnx.merge(graphdef, values, jax.tree.map(placeholder, nnx.to_pure_dict(rest)))
-  nnx.reseed(segmenter, dropout=seed + 1)
-  return segmenter
+  check_shapes(values, expected, f"The export {path} does not fit the segmenter described "
+               f"beside it ({description})")
+  return merge_with_fresh_rest(graphdef, values, nnx.to_pure_dict(rest), seed)
