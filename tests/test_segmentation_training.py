@@ -71,6 +71,35 @@ def test_loss_is_mmsegmentations_default_cross_entropy():
                              seg.pixel_cross_entropy(resized, jnp.asarray(labels)), rtol=1e-5)
 
 
+def test_class_weight_weighs_each_pixel_by_its_label():
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(2, 3, 4, 5)).astype(np.float32)
+  labels = rng.integers(0, 5, size=(2, 3, 4)).astype(np.int32)
+  labels[1, 2, :] = 255
+  weight = np.array([0.5, 1.0, 2.0, 3.0, 0.1], np.float32)
+  log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(log_p, np.minimum(labels, 4)[..., None], -1)[..., 0]
+  # F.cross_entropy(weight=w, reduction="none", ignore_index=255).mean(): w[label] * nll.
+  expected = np.where(labels == 255, 0.0, weight[np.minimum(labels, 4)] * nll).sum() / labels.size
+  got = seg.pixel_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), tuple(weight))
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+  config = load_config_file(DEMO_SEG)
+  config.segmentation.class_weight = (1.0,) * 10
+  with pytest.raises(ValueError, match="10 values; expected one per class"):
+    seg.class_weights(config, 11)
+
+
+def test_segmentation_knobs_reach_the_training_transforms():
+  config = load_config_file(DEMO_SEG)
+  config.segmentation.ratio_range = (0.8, 1.25)
+  config.segmentation.cat_max_ratio = 1.0
+  config.segmentation.hflip = 0.0
+  config.segmentation.photometric = False
+  transforms = seg.augment_config(config)
+  assert (transforms.crop_size, transforms.ratio_range, transforms.cat_max_ratio,
+          transforms.hflip, transforms.photometric) == (64, (0.8, 1.25), 1.0, 0.0, False)
+
+
 def test_weight_decay_follows_the_substring_rule_on_official_names():
   spec = ts.model_spec("focal_tiny", 150, 512, {}, 0, create_segmenter)
   mask = seg.decay_mask(spec)(nnx.to_pure_dict(spec.abstract_params))
