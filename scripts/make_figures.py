@@ -1,6 +1,6 @@
 """Regenerates the README pictures in docs/.
 
-  python scripts/make_figures.py                       # all figures; trains the demo (~3 min, CPU)
+  python scripts/make_figures.py                       # all figures; trains both demos (~8 min, CPU)
   python scripts/make_figures.py --metrics WORKDIR     # training curve of an existing run
   python scripts/make_figures.py --only attention      # attention + receptive fields only (seconds)
   python scripts/make_figures.py --only segmentation --seg-workdir WORKDIR  # of a demo_seg run
@@ -13,7 +13,7 @@ docs/training_curve.png    loss, learning rate and eval top-1 / top-5 of a short
                            configs/demo.py on the built-in focal_digits dataset
 docs/segmentation_demo.png validation scenes of the built-in focal_digit_scenes: image,
                            ground truth and the prediction of configs/demo_seg.py's run
-                           (trained here, ~4 min, unless --seg-workdir gives one)
+                           (trained here, about 5 min, unless --seg-workdir gives one)
 """
 
 from __future__ import annotations
