@@ -450,12 +450,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog="python -m focal_jax.benchmark",
       description="Throughput, compile time and peak memory of focal_jax vs the PyTorch reference.")
+  parser.add_argument("--task", choices=("classification", "segmentation"),
+                      default="classification",
+                      help="segmentation: focal_jax's UPerNet vs transformers' UperNet + Swin-T "
+                           "(focal_jax.segmentation_benchmark)")
   parser.add_argument("--model", default="focal_tiny", help="variant name (default focal_tiny)")
   parser.add_argument("--tiny", action="store_true",
                       help=f"shrink the variant with {TINY_OVERRIDES} (for smoke tests)")
   parser.add_argument("--img-size", type=int, default=224)
   parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--num-classes", type=int, default=1000)
+  parser.add_argument("--num-classes", type=int, default=None,
+                      help="default 1000 (classification) or 150 (segmentation)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   parser.add_argument("--repeats", type=int, default=5, help="timed calls (median reported)")
   parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
@@ -467,6 +472,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--sizes", type=_sizes, default=SWEEP_SIZES, metavar="S1,S2,...",
                       help="image sizes of --sweep; per-image cost is reported relative to the "
                            f"smallest (default {','.join(map(str, SWEEP_SIZES))})")
+  parser.add_argument("--rounds", type=int, default=3,
+                      help="segmentation: interleaved rounds of --repeats calls per framework")
+  parser.add_argument("--json", help="segmentation: write the results as JSON to this file")
   parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
   parser.add_argument("--no-jax", action="store_true", help="skip focal_jax")
   parser.add_argument("--output", help="append the markdown report to this file")
@@ -476,6 +484,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
   parser.add_argument("--worker-mode", choices=("inference", "train"), help=argparse.SUPPRESS)
   args, rest = parser.parse_known_args(argv)
+  if args.num_classes is None:
+    args.num_classes = 150 if args.task == "segmentation" else 1000
   args.input_argv = rest  # the options of focal_jax.data.throughput, for --mode input
   if rest and args.mode != "input":
     parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -485,6 +495,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.error("--batch and --repeats must be >= 1 and --warmup >= 0.")
   if args.worker:  # checked by the parent; a worker imports only what it measures
     return args
+  if args.task == "segmentation" and (args.sweep or args.rounds < 1):
+    parser.error("--task segmentation measures one --img-size (no --sweep) in --rounds >= 1.")
   from focal_jax.models import make_model_config
 
   checks = [("--model", args.model, {})]  # the variant, then every size, before any worker
@@ -507,6 +519,10 @@ def main(argv: list[str] | None = None) -> list:
     from focal_jax.data import throughput  # noqa: PLC0415  (imports TensorFlow)
 
     return throughput.main(args.input_argv)
+  if args.task == "segmentation":
+    from focal_jax import segmentation_benchmark  # noqa: PLC0415
+
+    return segmentation_benchmark.main(args)
   if args.worker:  # inside a worker process: one measurement, one JSON line
     result = (run_jax if args.worker == "jax" else run_torch)(args)
     print(_RESULT_MARK + json.dumps(dataclasses.asdict(result)), flush=True)
