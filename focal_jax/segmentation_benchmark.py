@@ -38,12 +38,15 @@ import sys
 import time
 from typing import Any, Callable
 
-from focal_jax.benchmark import (TINY_OVERRIDES, _fmt, _peak_rss_mb, _rss_mb, _timed_calls,
-                                 environment, num_cores, wait_for_quiet)
+from focal_jax.benchmark_timing import (environment, fmt, num_cores, peak_rss_mb, rss_mb,
+                                        timed_calls, wait_for_quiet)
 
 NUM_CLASSES = 150  # ADE20K
 DROP_PATH_RATE = 0.3  # upernet_swin_tiny's and upernet_focal_tiny_ade20k's
-# Heads of the smoke-test configuration (--tiny): a few channels instead of 512 / 256.
+# The smoke-test configuration (--tiny): both backbones narrow and shallow, heads of a few
+# channels instead of 512 / 256.
+TINY_BACKBONE = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
+TINY_FOCAL = dict(TINY_BACKBONE, focal_levels=(2, 2, 2, 2))
 TINY_HEAD = dict(decode_channels=16, auxiliary_channels=8)
 TORCH_MODEL = "upernet-swin-tiny (transformers)"
 _READY, _ROUND = "SEG_BENCHMARK_READY ", "SEG_BENCHMARK_ROUND "
@@ -124,7 +127,7 @@ def jax_overrides(args: argparse.Namespace) -> dict[str, Any]:
   """Backbone and head options of the focal_jax segmenter."""
   overrides: dict[str, Any] = {"drop_path_rate": DROP_PATH_RATE}
   if args.tiny:
-    overrides.update(TINY_OVERRIDES, **TINY_HEAD)
+    overrides.update(TINY_FOCAL, **TINY_HEAD)
   return overrides
 
 
@@ -179,10 +182,10 @@ def hf_upernet_config(args: argparse.Namespace) -> Any:
   except ImportError as error:
     raise SystemExit(
         "The segmentation benchmark compares with Hugging Face transformers' "
-        "UperNetForSemanticSegmentation; install it (pip install 'transformers>=4.40') or "
-        f"pass --no-torch. Import failed: {error}") from None
+        "UperNetForSemanticSegmentation; install it (pip install 'transformers~=5.25', as the "
+        f"test extra does) or pass --no-torch. Import failed: {error}") from None
   if args.tiny:
-    embed, depths, heads = TINY_OVERRIDES["embed_dim"], TINY_OVERRIDES["depths"], TINY_OVERRIDES["num_heads"]
+    embed, depths, heads = (TINY_BACKBONE[k] for k in ("embed_dim", "depths", "num_heads"))
     hidden, auxiliary = TINY_HEAD["decode_channels"], TINY_HEAD["auxiliary_channels"]
   else:
     embed, depths, heads, hidden, auxiliary = 96, (2, 2, 6, 2), (3, 6, 12, 24), 512, 256
@@ -239,7 +242,7 @@ def torch_call(args: argparse.Namespace) -> Callable[[], None]:
 def run_worker(args: argparse.Namespace) -> None:
   """A worker process: builds and warms up, prints READY; then for each line read from
   stdin times `--repeats` calls and prints a ROUND line; exits at the end of stdin."""
-  base_rss = _rss_mb()
+  base_rss = rss_mb()
   compiles: list[str] = []
   start = time.perf_counter()
   if args.worker == "jax":
@@ -262,10 +265,10 @@ def run_worker(args: argparse.Namespace) -> None:
     call()
   print(_READY + json.dumps({"first_call_s": first_call_s, "base_rss_mb": base_rss}), flush=True)
   for _ in sys.stdin:
-    timing = _timed_calls(call, 0, args.repeats)
+    timing = timed_calls(call, 0, args.repeats)
     print(_ROUND + json.dumps({"times": timing.times, "other_cpu": timing.other_cpu,
                                "recompiles": len(compiles) - counted,
-                               "peak_rss_mb": _peak_rss_mb()}), flush=True)
+                               "peak_rss_mb": peak_rss_mb()}), flush=True)
 
 
 class _Worker:
@@ -285,7 +288,8 @@ class _Worker:
                                  stderr=subprocess.PIPE, text=True)
     ready = self._expect(_READY)
     if ready is not None:
-      self.result.first_call_s, self.result.base_rss_mb = ready["first_call_s"], ready["base_rss_mb"]
+      self.result.first_call_s = ready["first_call_s"]
+      self.result.base_rss_mb = ready["base_rss_mb"]
 
   def _expect(self, mark: str) -> dict[str, Any] | None:
     """The JSON of the next `mark` line, or None (the error recorded) when the worker died."""
@@ -327,7 +331,7 @@ def measure(args: argparse.Namespace) -> list[SegmentationResult]:
     for framework in frameworks:
       workers.append(_Worker(framework, mode, args))
       ready = workers[-1].result
-      print(f"{framework:5s} {mode:9s} ready: first call {_fmt(ready.first_call_s)} s"
+      print(f"{framework:5s} {mode:9s} ready: first call {fmt(ready.first_call_s)} s"
             + (f"  ERROR {ready.error}" if ready.error else ""), flush=True)
     for index in range(args.rounds):
       for worker in workers if index % 2 == 0 else workers[::-1]:
@@ -356,13 +360,13 @@ def results_table(results: list[SegmentationResult]) -> str:
     if r.framework == "jax" and other is not None and not other.error and not r.error:
       best_ratio = f"{r.best_images_per_s / other.best_images_per_s:.2f}x"
       median_ratio = f"{r.median_images_per_s / other.median_images_per_s:.2f}x"
-    first = ("compile " if r.framework == "jax" else "") + _fmt(r.first_call_s)
+    first = ("compile " if r.framework == "jax" else "") + fmt(r.first_call_s)
     calls = len(r.step_s[0]) if r.step_s else 0
     lines.append(
         f"| {r.framework} | {r.model} | {r.mode} | {r.img_size} | {r.batch} | {r.dtype} | "
-        f"{_fmt(r.best_images_per_s, 3)} | {_fmt(r.median_images_per_s, 3)} | {best_ratio} | "
-        f"{median_ratio} | {_fmt(r.batch / r.median_images_per_s)} | {first} | "
-        f"{_fmt(r.peak_rss_mb, 0)} | {r.recompiles if r.framework == 'jax' else '-'} | "
+        f"{fmt(r.best_images_per_s, 3)} | {fmt(r.median_images_per_s, 3)} | {best_ratio} | "
+        f"{median_ratio} | {fmt(r.batch / r.median_images_per_s)} | {first} | "
+        f"{fmt(r.peak_rss_mb, 0)} | {r.recompiles if r.framework == 'jax' else '-'} | "
         f"{len(r.step_s)} x {calls} |")
   errors = [f"- {r.framework} {r.mode}: {r.error}" for r in results if r.error]
   return "\n".join(lines + ([""] + errors if errors else []))
@@ -380,8 +384,8 @@ def main(args: argparse.Namespace) -> list[SegmentationResult]:
   if not args.no_torch:
     hf_upernet_config(args)  # a clear error now when transformers is missing
   results = measure(args)
-  env["load average (1/5/15 min)"] += (" (start) / " + " ".join(f"{x:.2f}" for x in os.getloadavg())
-                                       + " (end)")
+  load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+  env["load average (1/5/15 min)"] += f" (start) / {load} (end)"
   command = "python -m focal_jax.benchmark " + " ".join(sys.argv[1:])
   text = "\n".join([
       f"### `{command}`", "", ", ".join(f"{k}: {v}" for k, v in env.items()), "",
