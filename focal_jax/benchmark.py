@@ -5,6 +5,10 @@
     python -m focal_jax.benchmark --sweep --sizes 32,64 --tiny --mode inference   # seconds
     python -m focal_jax.benchmark --tiny --img-size 64 --batch 2 --repeats 2   # seconds
     python -m focal_jax.benchmark --mode input    # host input pipeline vs timm's loader
+    python -m focal_jax.benchmark --task segmentation --img-size 512 --batch 2   # UPerNet
+
+`--task segmentation` compares the UPerNet segmenter with transformers' UperNet + Swin-T in
+interleaved rounds (`focal_jax.segmentation_benchmark`, which says what it times).
 
 `--mode input` measures the host side instead: training images per second per CPU core of
 the project's tf.data pipeline and of timm's DataLoader on the same JPEGs
