@@ -5,6 +5,10 @@
     python -m focal_jax.benchmark --sweep --sizes 32,64 --tiny --mode inference   # seconds
     python -m focal_jax.benchmark --tiny --img-size 64 --batch 2 --repeats 2   # seconds
     python -m focal_jax.benchmark --mode input    # host input pipeline vs timm's loader
+    python -m focal_jax.benchmark --task segmentation --img-size 512 --batch 2   # UPerNet
+
+`--task segmentation` compares the UPerNet segmenter with transformers' UperNet + Swin-T in
+interleaved rounds (`focal_jax.segmentation_benchmark`, which says what it times).
 
 `--mode input` measures the host side instead: training images per second per CPU core of
 the project's tf.data pipeline and of timm's DataLoader on the same JPEGs
@@ -39,13 +43,17 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
+
+from focal_jax.benchmark_timing import environment, num_cores, wait_for_quiet
+from focal_jax.benchmark_timing import fmt as _fmt
+from focal_jax.benchmark_timing import peak_rss_mb as _peak_rss_mb
+from focal_jax.benchmark_timing import rss_mb as _rss_mb
+from focal_jax.benchmark_timing import timed_calls as _timed_calls
 
 # A narrow, shallow model that is still structurally complete (rings and pooled levels).
 TINY_OVERRIDES = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4),
@@ -78,69 +86,6 @@ class Result:
   page_faults: float | None = None  # minor page faults per timed call (fresh memory touched)
   kernel_cpu_s: float | None = None  # CPU seconds per timed call spent in the kernel
   error: str | None = None
-
-
-def _rss_mb() -> float:
-  """Current resident set size in MiB (Linux /proc; falls back to the peak)."""
-  try:
-    with open("/proc/self/statm") as f:
-      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-  except OSError:
-    return _peak_rss_mb()
-
-
-def _peak_rss_mb() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def num_cores() -> int:
-  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _busy_cpu_seconds() -> float | None:
-  """Machine-wide non-idle CPU time so far (Linux /proc/stat), in seconds."""
-  try:
-    with open("/proc/stat") as f:
-      fields = [int(v) for v in f.readline().split()[1:]]
-  except (OSError, ValueError):
-    return None
-  idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-  return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-@dataclasses.dataclass
-class Timing:
-  """What `_timed_calls` measured."""
-
-  times: list[float]  # wall seconds per call
-  other_cpu: float | None  # cores other processes kept busy meanwhile
-  page_faults: float  # minor page faults per call
-  kernel_cpu_s: float  # system CPU seconds per call
-
-
-def _timed_calls(call: Callable[[], Any], warmup: int, repeats: int) -> Timing:
-  """Times `repeats` calls after `warmup` untimed ones.
-
-  Page faults and kernel time per call show how much freshly mapped memory a call
-  touches: on virtual machines a first touch of a 4 KiB page costs microseconds.
-  """
-  for _ in range(warmup):
-    call()
-  times = []
-  usage = resource.getrusage(resource.RUSAGE_SELF)
-  busy, own, start_all = _busy_cpu_seconds(), sum(os.times()[:2]), time.perf_counter()
-  for _ in range(repeats):
-    start = time.perf_counter()
-    call()
-    times.append(time.perf_counter() - start)
-  other = None
-  if busy is not None:
-    elapsed = time.perf_counter() - start_all
-    others = (_busy_cpu_seconds() - busy) - (sum(os.times()[:2]) - own)
-    other = max(0.0, others / elapsed)
-  after = resource.getrusage(resource.RUSAGE_SELF)
-  return Timing(times, other, (after.ru_minflt - usage.ru_minflt) / repeats,
-                (after.ru_stime - usage.ru_stime) / repeats)
 
 
 def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -323,21 +268,6 @@ def run_torch(args: argparse.Namespace) -> Result:
 # ---------------------------------------------------------------- orchestration
 
 
-def wait_for_quiet(max_cores: float, timeout_s: float) -> float | None:
-  """Waits (up to `timeout_s`) until other processes use less than `max_cores` CPU cores,
-  probing 3 s at a time. Returns the last probe's busy cores (None without /proc/stat)."""
-  deadline = time.monotonic() + timeout_s
-  while True:
-    busy = _busy_cpu_seconds()
-    if busy is None:
-      return None
-    time.sleep(3.0)
-    cores = (_busy_cpu_seconds() - busy) / 3.0
-    if cores < max_cores or time.monotonic() > deadline:
-      return cores
-    time.sleep(7.0)
-
-
 def run_worker(framework: str, mode: str, args: argparse.Namespace, img_size: int,
                batch: int) -> Result:
   """Runs one measurement in a fresh Python process and parses its JSON result."""
@@ -355,34 +285,6 @@ def run_worker(framework: str, mode: str, args: argparse.Namespace, img_size: in
   return Result(framework, mode, args.model, img_size, batch, args.dtype, float("nan"), [],
                 float("nan"), float("nan"), float("nan"),
                 error=f"worker exited with {proc.returncode}: " + " | ".join(tail))
-
-
-def environment() -> dict[str, str]:
-  """Machine and library versions, for the record."""
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  versions = {}
-  for name in ("jax", "jaxlib", "flax", "optax", "torch"):
-    try:
-      module = __import__(name)
-      versions[name] = module.__version__
-    except ImportError:
-      versions[name] = "not installed"
-  load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-  allocator = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
-                       if k == "GLIBC_TUNABLES" or k.startswith("MALLOC_")) or "default"
-  return {"cpu": cpu, "cores": str(num_cores()), "python": platform.python_version(),
-          **versions, "allocator settings": allocator, "load average (1/5/15 min)": load}
-
-
-def _fmt(value: float | None, digits: int = 2) -> str:
-  if value is None or value != value:  # None or NaN
-    return "-"
-  return f"{value:.{digits}f}"
 
 
 def results_table(results: list[Result]) -> str:
@@ -450,12 +352,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog="python -m focal_jax.benchmark",
       description="Throughput, compile time and peak memory of focal_jax vs the PyTorch reference.")
+  parser.add_argument("--task", choices=("classification", "segmentation"),
+                      default="classification",
+                      help="segmentation: focal_jax's UPerNet vs transformers' UperNet + Swin-T "
+                           "(focal_jax.segmentation_benchmark)")
   parser.add_argument("--model", default="focal_tiny", help="variant name (default focal_tiny)")
   parser.add_argument("--tiny", action="store_true",
                       help=f"shrink the variant with {TINY_OVERRIDES} (for smoke tests)")
   parser.add_argument("--img-size", type=int, default=224)
   parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--num-classes", type=int, default=1000)
+  parser.add_argument("--num-classes", type=int, default=None,
+                      help="default 1000 (classification) or 150 (segmentation)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   parser.add_argument("--repeats", type=int, default=5, help="timed calls (median reported)")
   parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
@@ -467,6 +374,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--sizes", type=_sizes, default=SWEEP_SIZES, metavar="S1,S2,...",
                       help="image sizes of --sweep; per-image cost is reported relative to the "
                            f"smallest (default {','.join(map(str, SWEEP_SIZES))})")
+  parser.add_argument("--rounds", type=int, default=3,
+                      help="segmentation: interleaved rounds of --repeats calls per framework")
+  parser.add_argument("--json", help="segmentation: write the results as JSON to this file")
   parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
   parser.add_argument("--no-jax", action="store_true", help="skip focal_jax")
   parser.add_argument("--output", help="append the markdown report to this file")
@@ -476,6 +386,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
   parser.add_argument("--worker-mode", choices=("inference", "train"), help=argparse.SUPPRESS)
   args, rest = parser.parse_known_args(argv)
+  if args.num_classes is None:
+    args.num_classes = 150 if args.task == "segmentation" else 1000
   args.input_argv = rest  # the options of focal_jax.data.throughput, for --mode input
   if rest and args.mode != "input":
     parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -485,6 +397,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.error("--batch and --repeats must be >= 1 and --warmup >= 0.")
   if args.worker:  # checked by the parent; a worker imports only what it measures
     return args
+  if args.task == "segmentation" and (args.sweep or args.rounds < 1):
+    parser.error("--task segmentation measures one --img-size (no --sweep) in --rounds >= 1.")
   from focal_jax.models import make_model_config
 
   checks = [("--model", args.model, {})]  # the variant, then every size, before any worker
@@ -507,6 +421,10 @@ def main(argv: list[str] | None = None) -> list:
     from focal_jax.data import throughput  # noqa: PLC0415  (imports TensorFlow)
 
     return throughput.main(args.input_argv)
+  if args.task == "segmentation":
+    from focal_jax import segmentation_benchmark  # noqa: PLC0415
+
+    return segmentation_benchmark.main(args)
   if args.worker:  # inside a worker process: one measurement, one JSON line
     result = (run_jax if args.worker == "jax" else run_torch)(args)
     print(_RESULT_MARK + json.dumps(dataclasses.asdict(result)), flush=True)
