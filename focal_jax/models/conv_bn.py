@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from focal_jax.models.conv_same import conv_general_dilated_same
 from focal_jax.models.layers import axes
 
 BATCH_NORM_EPS = 1e-5
@@ -67,6 +68,8 @@ class BatchNorm(nnx.BatchNorm):
 class ConvModule(nnx.Module):
   """Conv (no bias) -> BatchNorm -> ReLU with mmcv's init (kaiming fan_out; BN 1 and 0).
 
+  The conv is `conv_same.conv2d_same` (XLA's forward; a kernel gradient that is fast on CPU).
+
   Children `conv` and `bn` carry mmsegmentation's names (`<name>.conv.weight`,
   `<name>.bn.running_mean`, ...).
   """
@@ -78,7 +81,7 @@ class ConvModule(nnx.Module):
         in_channels, out_channels, (kernel_size, kernel_size),
         padding=[(padding, padding), (padding, padding)], use_bias=False, dtype=dtype,
         kernel_init=kaiming_normal_fan_out, kernel_metadata=axes(None, None, None, "embed"),
-        rngs=rngs)
+        conv_general_dilated=conv_general_dilated_same, rngs=rngs)
     self.bn = BatchNorm(out_channels, rngs=rngs)
 
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:

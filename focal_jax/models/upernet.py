@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from focal_jax.models.conv_bn import ConvModule
+from focal_jax.models.conv_same import conv_general_dilated_same
 from focal_jax.models.layers import axes
 from focal_jax.models.resize import adaptive_avg_pool, resize_bilinear
 
@@ -34,7 +35,8 @@ def conv_seg(in_channels: int, num_classes: int, *, dtype: Any, rngs: nnx.Rngs) 
   return nnx.Conv(in_channels, num_classes, (1, 1), dtype=dtype,
                   kernel_init=jax.nn.initializers.normal(0.01),
                   kernel_metadata=axes(None, None, None, "classes"),
-                  bias_metadata=axes("classes"), rngs=rngs)
+                  bias_metadata=axes("classes"),
+                  conv_general_dilated=conv_general_dilated_same, rngs=rngs)
 
 
 class PoolingModule(nnx.Module):
