@@ -44,12 +44,14 @@ from focal_jax.accelerators import GPU_CARDS, TPU_GENERATIONS, TpuGeneration  # 
 from focal_jax.models.flops import xla_flops  # noqa: E402
 from focal_jax.training import memory, sharding  # noqa: E402
 from focal_jax.training import train_state as ts  # noqa: E402
+from focal_jax.training.tasks import get_task  # noqa: E402
 from focal_jax.training.config import (default_config, load_config_file,  # noqa: E402
                                        validate_config)
 from focal_jax.training.train_step import step_setup  # noqa: E402
 
 GIB = memory.GIB
 IMAGENET_TRAIN_EXAMPLES = 1_281_167  # sets the schedule's constants only
+DEFAULT_CLASSES = {"classification": 1000, "segmentation": 150}  # ImageNet-1K, ADE20K
 
 
 # The share of a GPU's memory JAX's allocator takes by default (XLA_PYTHON_CLIENT_MEM_FRACTION).
@@ -200,7 +202,7 @@ def model_spec(config: ml_collections.ConfigDict, num_classes: int,
   if reference:
     return vit_reference.model_spec(num_classes, config.image_size, ts.DTYPES[config.dtype],
                                     config.seed)
-  return ts.model_spec_from_config(config, num_classes)
+  return get_task(config).model_spec(config, num_classes)
 
 
 def model_step_flops(spec: ts.ModelSpec, examples: int) -> float:
@@ -307,6 +309,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   else:
     batch_per_chip = args.batch_per_chip
   base = load_config(args.config)
+  num_classes = args.num_classes or DEFAULT_CLASSES.get(base.get("task", "classification"), 1000)
 
   def measure(batch: int) -> dict[str, Any]:
     config = step_config(base, args, chips, batch)
@@ -315,7 +318,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "chips": chips, "batch_per_chip": batch, "global_batch": config.batch_size,
               "grad_accum_steps": config.grad_accum_steps, "dtype": config.dtype,
               "img_size": config.image_size, "remat": bool(args.remat), "fsdp": args.fsdp,
-              **compile_step(config, devices, args.num_classes, target.hbm_bytes,
+              **compile_step(config, devices, num_classes, target.hbm_bytes,
                              reference=args.model == vit_reference.NAME,
                              compiler_options=target.compiler_options,
                              hlo_path=args.dump_hlo and f"{args.dump_hlo}.{batch}.hlo")}
@@ -415,7 +418,8 @@ def parser() -> argparse.ArgumentParser:
                  help="micro-batches per step; default: the config's grad_accum_steps")
   p.add_argument("--config", help="a training config (configs/*.py); default: the official "
                  "Focal-T recipe (focal_jax.training.default_config)")
-  p.add_argument("--num-classes", type=int, default=1000)
+  p.add_argument("--num-classes", type=int,
+                 help="default: 1000 (classification), 150 (segmentation)")
   p.add_argument("--max-batch", action="store_true",
                  help="also report the largest batch per chip that fits")
   p.add_argument("--json", action="store_true", help="print the report as one JSON line last")

@@ -39,14 +39,12 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from focal_jax.data import digits  # noqa: F401  (registers `focal_digits` with TFDS)
+# Imported to register `focal_digits`, `ade20k` and `focal_digit_scenes` with TFDS.
+from focal_jax.data import ade20k, digit_scenes, digits  # noqa: F401
 from focal_jax.data.augment import AugmentConfig, eval_transform, train_transform
+from focal_jax.data.manual import ManualDownloadError
 
 IMAGENET_MANUAL_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
-
-
-class ManualDownloadError(FileNotFoundError):
-  """The files a manual-download dataset (ImageNet) is prepared from are not there."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -121,6 +119,9 @@ def _prepare(builder: tfds.core.DatasetBuilder, manual_dir: str | None) -> None:
   except Exception:
     if builder.name == "imagenet2012":
       check_imagenet_manual_files(manual_dir)  # raises the clear error when they are missing
+    check_manual_dir = getattr(builder, "check_manual_dir", None)  # other manual datasets
+    if check_manual_dir is not None:
+      check_manual_dir(manual_dir)
     raise
 
 
@@ -226,19 +227,12 @@ def create_train_dataset(
   """
   _hide_accelerators_from_tf()
   index, count = _process(process_index, process_count)
-  local = local_batch_size(global_batch_size, count)
-  steps = train_steps_per_epoch(builder, split, global_batch_size, count)
-  # Records in file order (TFDS shuffled them globally when it wrote the files).
-  records = builder.as_dataset(
-      split=train_split_for_process(split, index, count), shuffle_files=False,
-      decoders={"image": tfds.decode.SkipDecoding()},
-      read_config=tfds.ReadConfig(try_autocache=False))
-  records = records.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
-  return train_batches_from_records(
-      records, records_per_epoch=steps * local, local_batch_size=local, config=config,
-      seed=seed, start_step=start_step, start_position=start_position,
-      shuffle_buffer=shuffle_buffer, process_index=index, threads=threads,
-      with_positions=with_positions, name=f"split {split!r} of {builder.name}")
+  augment, end = _classification_augment(config)
+  return train_stream(
+      builder, split=split, global_batch_size=global_batch_size, augment=augment,
+      end_example=end, seed=seed, start_step=start_step, start_position=start_position,
+      shuffle_buffer=shuffle_buffer, process_index=index, process_count=count,
+      threads=threads, with_positions=with_positions)
 
 
 def train_batches_from_records(
@@ -253,19 +247,80 @@ def train_batches_from_records(
 
   An epoch is the first `records_per_epoch` records; `name` says what they are in errors.
   """
+  augment, end = _classification_augment(config)
+  return stream_from_records(
+      records, records_per_epoch=records_per_epoch, local_batch_size=local_batch_size,
+      augment=augment, end_example=end, seed=seed, start_step=start_step,
+      start_position=start_position, shuffle_buffer=shuffle_buffer,
+      process_index=process_index, threads=threads, with_positions=with_positions, name=name)
+
+
+def _classification_augment(config: AugmentConfig):
+  """The classification task's `augment(record, seed)` and its epoch-end example."""
+  transform = _traced_train_transform(config)
+  size = config.image_size
+
+  def augment(example, example_seed):
+    return {"image": transform(example["image"], example_seed),
+            "label": tf.cast(example["label"], tf.int32)}
+
+  end = {"image": tf.zeros([size, size, 3], tf.float32), "label": tf.constant(0, tf.int32)}
+  return augment, end
+
+
+def train_stream(
+    builder: tfds.core.DatasetBuilder, *, split: str, global_batch_size: int,
+    augment: Callable[[dict[str, tf.Tensor], tf.Tensor], dict[str, tf.Tensor]],
+    end_example: dict[str, tf.Tensor], seed: int, start_step: int = 0,
+    start_position: tuple[int, int] | None = None, shuffle_buffer: int,
+    process_index: int, process_count: int, threads: int | None = None,
+    with_positions: bool = False,
+) -> tf.data.Dataset:
+  """The deterministic, resumable training stream that every task's pipeline batches: this
+  process's share of `split`, read in file order, through `stream_from_records`."""
+  index, count = process_index, process_count
+  local = local_batch_size(global_batch_size, count)
+  steps = train_steps_per_epoch(builder, split, global_batch_size, count)
+  # Records in file order (TFDS shuffled them globally when it wrote the files).
+  records = builder.as_dataset(
+      split=train_split_for_process(split, index, count), shuffle_files=False,
+      decoders=skip_image_decoding(builder.info.features),
+      read_config=tfds.ReadConfig(try_autocache=False))
+  return stream_from_records(
+      records, records_per_epoch=steps * local,  # the share's last partial batch is dropped
+      local_batch_size=local, augment=augment, end_example=end_example, seed=seed,
+      start_step=start_step, start_position=start_position, shuffle_buffer=shuffle_buffer,
+      process_index=index, threads=threads, with_positions=with_positions,
+      name=f"split {split!r} of {builder.name}")
+
+
+def stream_from_records(
+    records: tf.data.Dataset, *, records_per_epoch: int, local_batch_size: int,
+    augment: Callable[[dict[str, tf.Tensor], tf.Tensor], dict[str, tf.Tensor]],
+    end_example: dict[str, tf.Tensor], seed: int, start_step: int = 0,
+    start_position: tuple[int, int] | None = None, shuffle_buffer: int,
+    process_index: int, threads: int | None = None, with_positions: bool = False,
+    name: str = "the records",
+) -> tf.data.Dataset:
+  """Shuffled, augmented, batched epochs of `records` (one process's share in file order).
+
+  `augment(record, seed)` turns one undecoded record (images left encoded) into an example
+  dict; `seed` (int64 [2]) is (epoch key, position in the epoch). `end_example` is a dict of
+  the same structure (any values): it marks an epoch's end internally and never reaches the
+  caller. Records whose `augment` fails are skipped. An epoch is the first
+  `records_per_epoch` records; `name` says what they are in errors.
+  """
   index, local = process_index, local_batch_size
   steps = records_per_epoch // local
   if start_position is None:
     start_epoch, within = divmod(start_step, steps)
     start_position = (start_epoch, within * local)
   start_epoch, start_record = normalize_position(start_position, records_per_epoch)
-  transform = _traced_train_transform(config)
-  size = config.image_size
 
   def _augment(key, epoch, position, example):
     example_seed = tf.stack([key, position])
-    return {"image": transform(example["image"], example_seed),
-            "label": tf.cast(example["label"], tf.int32), "epoch": epoch, "position": position}
+    return {**augment(example, example_seed), "epoch": epoch, "position": position,
+            "records": tf.constant(0, tf.int64)}
 
   def _epoch(epoch):  # augmented examples of one epoch (skipped ones left out), then a marker
     key = _epoch_key(seed, index, epoch)
@@ -274,14 +329,13 @@ def train_batches_from_records(
     shuffled = shuffled.take(records_per_epoch).enumerate().skip(first)  # skips never decode
     examples = shuffled.map(lambda position, example: _augment(key, epoch, position, example),
                             num_parallel_calls=tf.data.AUTOTUNE)
-    end = {"image": tf.zeros([size, size, 3], tf.float32),
-           "label": tf.cast(records_per_epoch - first, tf.int32),  # records this epoch read
-           "epoch": epoch, "position": tf.constant(-1, tf.int64)}
+    end = {**end_example, "epoch": epoch, "position": tf.constant(-1, tf.int64),
+           "records": records_per_epoch - first}  # records this epoch read
     return examples.ignore_errors().concatenate(tf.data.Dataset.from_tensors(end))
 
   def _check(decoded, example):  # decoded: examples of the epoch so far
     is_end = example["position"] < 0
-    nothing = is_end & (decoded == 0) & (tf.cast(example["label"], tf.int64) == records_per_epoch)
+    nothing = is_end & (decoded == 0) & (example["records"] == records_per_epoch)
     check = tf.debugging.Assert(tf.logical_not(nothing), [
         f"No image of a whole epoch of {name} (process {index}) "
         "could be decoded; check the dataset files and their image format. Epoch:",
@@ -291,10 +345,16 @@ def train_batches_from_records(
 
   ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(_epoch)
   ds = ds.scan(tf.constant(0, tf.int64), _check).filter(lambda ex: ex["position"] >= 0)
-  if not with_positions:
-    ds = ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
+  kept = set(end_example) | ({"epoch", "position"} if with_positions else set())
+  ds = ds.map(lambda ex: {k: v for k, v in ex.items() if k in kept})
   ds = ds.batch(local, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(threads))
+
+
+def skip_image_decoding(features: tfds.features.FeaturesDict) -> dict:
+  """Decoders that leave every image feature encoded (the transforms decode, or skip)."""
+  return {name: tfds.decode.SkipDecoding() for name, feature in features.items()
+          if isinstance(feature, tfds.features.Image)}
 
 
 def normalize_position(position: tuple[int, int], records_per_epoch: int) -> tuple[int, int]:
@@ -355,4 +415,13 @@ def create_eval_dataset(
 
 
 def num_classes(builder: tfds.core.DatasetBuilder) -> int:
-  return builder.info.features["label"].num_classes
+  """Classes of a classification dataset (ClassLabel) or of a segmentation one (its builder's
+  NUM_CLASSES; the ignore label 255 not counted)."""
+  label = builder.info.features["label"]
+  if isinstance(label, tfds.features.ClassLabel):
+    return label.num_classes
+  count = getattr(builder, "NUM_CLASSES", None)
+  if count is None:
+    raise ValueError(f"{builder.name}'s label is neither a class label nor a class map of a "
+                     "known segmentation dataset; cannot tell its number of classes.")
+  return int(count)

@@ -24,7 +24,7 @@ from focal_jax.models.config import FocalConfig, make_config
 from focal_jax.models.focalnet.backbone import FocalNetBackbone
 from focal_jax.models.focalnet.config import (VARIANTS as FOCALNET_VARIANTS, FocalNetConfig,
                                               make_focalnet_segmentation_config)
-from focal_jax.models.upernet import FCNHead, UPerHead
+from focal_jax.models.upernet import AUXILIARY_CHANNELS, DECODE_CHANNELS, FCNHead, UPerHead
 
 AUXILIARY_STAGE = 2  # mmsegmentation's FCNHead in_index: stage 3 (stride 16)
 
@@ -38,7 +38,9 @@ class Segmenter(nnx.Module):
   as in mmsegmentation's checkpoints."""
 
   def __init__(self, config: FocalConfig | FocalNetConfig, num_classes: int, *,
-               frozen_stages: int = -1, auxiliary_head: bool = True, rngs: nnx.Rngs):
+               frozen_stages: int = -1, auxiliary_head: bool = True,
+               decode_channels: int = DECODE_CHANNELS,
+               auxiliary_channels: int = AUXILIARY_CHANNELS, rngs: nnx.Rngs):
     if num_classes < 1:
       raise ValueError(f"num_classes={num_classes}: a segmenter needs at least one class.")
     self.num_classes = num_classes
@@ -46,9 +48,11 @@ class Segmenter(nnx.Module):
     self.backbone = backbone(config, out_indices=tuple(range(config.num_layers)),
                              frozen_stages=frozen_stages, rngs=rngs)
     widths = [config.stage_dim(i) for i in range(config.num_layers)]
-    self.decode_head = UPerHead(widths, num_classes, dtype=config.dtype, rngs=rngs)
-    self.auxiliary_head = (FCNHead(widths[AUXILIARY_STAGE], num_classes, dtype=config.dtype,
-                                   rngs=rngs) if auxiliary_head else None)
+    self.decode_head = UPerHead(widths, num_classes, channels=decode_channels,
+                                dtype=config.dtype, rngs=rngs)
+    self.auxiliary_head = (FCNHead(widths[AUXILIARY_STAGE], num_classes,
+                                   channels=auxiliary_channels, dtype=config.dtype, rngs=rngs)
+                           if auxiliary_head else None)
 
   @property
   def config(self) -> FocalConfig | FocalNetConfig:
@@ -115,14 +119,18 @@ def segmenter_config(backbone: str | None, img_size: Any = 512, **backbone_optio
 
 def create_segmenter(backbone: str | None = "focal_tiny", num_classes: int = 150,
                      img_size: Any = 512, *, frozen_stages: int = -1, auxiliary_head: bool = True,
-                     seed: int = 0, **backbone_options: Any) -> Segmenter:
+                     decode_channels: int = DECODE_CHANNELS,
+                     auxiliary_channels: int = AUXILIARY_CHANNELS, seed: int = 0,
+                     **backbone_options: Any) -> Segmenter:
   """UPerNet with the Focal or FocalNet variant `backbone` (official-name `backbone_options`,
   e.g. drop_path_rate=0.3), built for crops of `img_size` (it decides the window of each
   Focal stage as the official constructor does; other sizes still run). FocalNet
   backbones take the options of FocalNet's released ADE20K configs (focal_windows 9, drop
   path 0.3) unless overridden. Heads are initialised as mmsegmentation's; the backbone as
-  the classification model's."""
+  the classification model's. `decode_channels` / `auxiliary_channels`: the heads' widths
+  (512 / 256 as mmsegmentation's UPerNet; smaller for quick experiments)."""
   config = segmenter_config(backbone, img_size, **backbone_options)
   with nnx.use_eager_sharding(False):
     return Segmenter(config, num_classes, frozen_stages=frozen_stages,
-                     auxiliary_head=auxiliary_head, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+                     auxiliary_head=auxiliary_head, decode_channels=decode_channels,
+                     auxiliary_channels=auxiliary_channels, rngs=nnx.Rngs(params=seed, dropout=seed + 1))

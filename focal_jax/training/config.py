@@ -18,10 +18,14 @@ import ml_collections
 from focal_jax import models
 
 MODES = ("train", "eval")
+TASKS = ("classification", "segmentation")
+LR_SCHEDULES = ("cosine", "poly")
 DTYPES = ("float32", "bfloat16", "float16")
 MATMUL_PRECISIONS = ("default", "high", "highest")
 MU_DTYPES = ("", "float32", "bfloat16")
 CPU_COLLECTIVES = ("gloo", "mpi", "")
+# model.overrides that belong to the segmenter rather than its backbone.
+SEGMENTER_OPTIONS = ("frozen_stages", "auxiliary_head", "decode_channels", "auxiliary_channels")
 # drop_path_rate of a model built from model.overrides alone (no variant) when unset: Focal-T's.
 CUSTOM_DROP_PATH_RATE = 0.2
 
@@ -30,6 +34,9 @@ def default_config() -> ml_collections.ConfigDict:
   """All training keys with the official Focal-T / ImageNet-1K recipe as defaults."""
   c = ml_collections.ConfigDict()
   c.mode = "train"  # "train", or "eval": evaluate `checkpoint_path` (default: latest in workdir)
+  # What is learnt (focal_jax.training.tasks): "classification" (one label per image) or
+  # "segmentation" (UPerNet, one label per pixel; `segmentation` below).
+  c.task = "classification"
   c.checkpoint_path = ""  # eval mode: a checkpoint step dir, a checkpoints dir or an export dir
   c.seed = 0  # model init, dropout / stochastic depth, mixup, data order and augmentation
   # Fine-tuning: a fresh run (no checkpoint in the workdir yet) starts from these weights
@@ -102,6 +109,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.adam_b2 = 0.999
   c.adam_eps = 1e-8
   c.adam_mu_dtype = ""  # Adam's first moment: "" = the parameters' (float32), or "bfloat16"
+  # "cosine" (the official ImageNet one, from warmup_lr) or "poly": mmcv's PolyLrUpdater,
+  # (peak - min_lr) * (1 - step / total)**poly_power + min_lr, its first warmup steps scaled
+  # linearly from warmup_lr / base_lr to 1 (mmcv's linear warmup, as mmsegmentation uses).
+  c.lr_schedule = "cosine"
+  c.poly_power = 1.0
+  c.warmup_steps = -1  # >= 0 overrides warmup_epochs
   c.grad_clip_norm = 5.0  # global norm; <= 0 disables clipping
   c.ema_decay = 0.0  # > 0 keeps an exponential moving average of the parameters (also evaluated)
 
@@ -126,6 +139,14 @@ def default_config() -> ml_collections.ConfigDict:
   # Collectives between the CPU devices of several processes ("gloo" or "mpi"; "" = JAX's
   # default). Only the CPU backend uses it; TPUs and GPUs have their own interconnect.
   c.distributed.cpu_collectives = "gloo"
+
+  # Segmentation (task="segmentation"): image_size is the training crop; images of the eval
+  # split are evaluated whole at their test size, or by sliding crops.
+  c.segmentation = ml_collections.ConfigDict()
+  c.segmentation.auxiliary_loss_weight = 0.4  # FCNHead on stage 3 (decode head: 1.0)
+  c.segmentation.eval_mode = "whole"  # or "slide"
+  c.segmentation.slide_crop = 512
+  c.segmentation.slide_stride = 341
 
   c.log_every_steps = 50
   c.eval_every_steps = 0  # 0 = once per epoch; the end of training is always evaluated
@@ -166,6 +187,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      f"{', '.join(models.ALL_VARIANTS)} (or '' to build from model.overrides).")
   if config.mode not in MODES:
     raise ValueError(f"mode={config.mode!r}; expected one of {MODES}.")
+  if config.task not in TASKS:
+    raise ValueError(f"task={config.task!r}; expected one of {TASKS}.")
+  if config.lr_schedule not in LR_SCHEDULES:
+    raise ValueError(f"lr_schedule={config.lr_schedule!r}; expected one of {LR_SCHEDULES}.")
+  if config.segmentation.eval_mode not in ("whole", "slide"):
+    raise ValueError(f"segmentation.eval_mode={config.segmentation.eval_mode!r}; expected "
+                     "'whole' or 'slide'.")
   if config.distributed.cpu_collectives not in CPU_COLLECTIVES:
     raise ValueError(f"distributed.cpu_collectives={config.distributed.cpu_collectives!r}; "
                      f"expected one of {CPU_COLLECTIVES}.")
@@ -192,7 +220,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ValueError("Set num_epochs > 0 or num_train_steps > 0.")
   # Build the model config now: unknown options, bad heads or image sizes fail here.
-  models.make_model_config(name or None, img_size=config.image_size, **model_overrides(config))
+  overrides = model_overrides(config)
+  for segmenter_option in SEGMENTER_OPTIONS:  # create_segmenter's own, not the backbone's
+    overrides.pop(segmenter_option, None)
+  models.make_model_config(name or None, img_size=config.image_size, **overrides)
 
 
 def mixup_group_size(config: ml_collections.ConfigDict) -> int:

@@ -32,7 +32,7 @@ import jax
 import ml_collections
 
 from focal_jax import pretrained, storage, weights
-from focal_jax.training import checkpoint, input, memory, metrics, preflight, process, sharding
+from focal_jax.training import checkpoint, memory, metrics, preflight, process, sharding
 from focal_jax.training import train_state as ts
 from focal_jax.training.config import mixup_group_size, validate_config
 from focal_jax.training.resume import (DataTracker, checkpoint_meta, gather_ints,
@@ -99,15 +99,15 @@ def _train(run: Run, ckpt: checkpoint.Checkpointer,
     if restored is None:
       params = None
       if config.init_from:  # fine-tuning: a fresh run starts from these weights
-        params = ts.pretrained_params(run.spec, run.shardings.params, config.init_from,
-                                      tuple(config.init_from_exclude), read_checkpoint)
+        params = run.task.pretrained_params(run.spec, run.shardings.params, config.init_from,
+                                            tuple(config.init_from_exclude), read_checkpoint)
         logging.info("Initialised from %s.", config.init_from)
       state, meta, last_saved = ts.create_train_state(
           run.spec, run.tx, run.shardings, run.mesh, config.seed, params), {}, None
     else:
       state, meta, last_saved = restored
     start = int(jax.device_get(state.step))
-    data = DataTracker.from_meta(meta, start, input.records_per_epoch(run.builder, config),
+    data = DataTracker.from_meta(meta, start, run.task.records_per_epoch(run.builder, config),
                                 run.steps_per_epoch)
     writer = metrics.MetricWriter(workdir, resume_step=start)
     if jax.process_index() == 0:
@@ -116,7 +116,7 @@ def _train(run: Run, ckpt: checkpoint.Checkpointer,
                                     saved_interval_losses(meta))
     ckpt.wait()
     if step >= run.total_steps and config.export_params:
-      path = weights.export_params(os.path.join(workdir, EXPORT_DIR), state.params,
+      path = weights.export_params(os.path.join(workdir, EXPORT_DIR), run.variables(state),
                                    run.description)
       logging.info("Exported the parameters for inference / conversion to %s.", path)
   finally:  # an error still lets the save in flight finish: the last checkpoint stays whole
@@ -146,7 +146,7 @@ def _steps(run: Run, ckpt: checkpoint.Checkpointer, writer: metrics.MetricWriter
   if start >= run.total_steps:
     logging.info("Checkpoint step %d already reaches num_train_steps=%d.", start, run.total_steps)
     return step, state, last_eval
-  batches = input.train_batches(run.builder, config, start, data.position)
+  batches = run.task.train_batches(run.builder, config, start, data.position)
   # Several processes stop together: each step carries every process's SIGTERM flag.
   vote = sharding.any_process_flag(run.mesh) if jax.process_count() > 1 else None
   in_flight: collections.deque = collections.deque()  # (step, metrics, vote) not read back yet
@@ -176,7 +176,7 @@ def _steps(run: Run, ckpt: checkpoint.Checkpointer, writer: metrics.MetricWriter
     while step < run.total_steps:
       local = next(batches)
       data.consume(local)
-      batch = sharding.global_batch({"image": local["image"], "label": local["label"]}, run.mesh)
+      batch = sharding.global_batch({key: local[key] for key in run.task.BATCH_KEYS}, run.mesh)
       if step == start:
         train_step = _fitting_step(run, train_step, state, batch)
       state, step_metrics = train_step(state, batch, run.rest)
@@ -266,9 +266,12 @@ def _eval_mode(run: Run) -> RunResult:
     description = weights.read_description(path)
     run.check_model({"model": description}, path)
     run.prepare()
-    target = ts.with_shardings(run.abstract.params, run.shardings.params)
-    params = weights.load_exported_params(path, target)
-    step, results = -1, run.evaluate(params)
+    target = ts.with_shardings(
+        ts.model_variables(run.abstract.params, run.abstract.batch_stats),
+        ts.model_variables(run.shardings.params, run.shardings.batch_stats))
+    params, stats = ts.split_variables(weights.load_exported_params(path, target),
+                                       run.spec.abstract_stats)
+    step, results = -1, run.evaluate(params, stats)
   else:
     directory, step = path, None
     if os.path.basename(path).isdigit() and not storage.isdir(os.path.join(path, "0")):

@@ -61,6 +61,29 @@ def lr_schedule(rates: LearningRates, warmup_steps: int, total_steps: int) -> op
   return schedule
 
 
+def poly_schedule(rates: LearningRates, warmup_steps: int, total_steps: int, power: float = 1.0
+                  ) -> optax.Schedule:
+  """mmcv's PolyLrUpdater with linear warmup, per iteration (mmsegmentation's schedule_160k).
+
+  poly(step) = (peak - minimum) * (1 - min(step, total) / total)**power + minimum; during
+  the first `warmup_steps` it is scaled by 1 - (1 - step / warmup) * (1 - ratio), ratio =
+  rates.warmup / rates.peak (mmcv's warmup_ratio), as mmcv scales the regular rate.
+  """
+  total = max(int(total_steps), 1)
+  warmup = int(warmup_steps)
+  ratio = rates.warmup / rates.peak if rates.peak else 1.0
+  poly = optax.polynomial_schedule(init_value=rates.peak - rates.minimum, end_value=0.0,
+                                   power=power, transition_steps=total)
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    regular = poly(step) + rates.minimum
+    factor = 1.0 - (1.0 - step / max(warmup, 1)) * (1.0 - ratio)
+    return jnp.where(step < warmup, regular * factor, regular)
+
+  return schedule
+
+
 def _path_name(path: tuple[Any, ...]) -> str:
   """('layers', 0, 'attn', 'qkv', 'bias') -> 'layers.0.attn.qkv.bias' (the torch-style name)."""
   parts = []
@@ -87,19 +110,20 @@ def weight_decay_mask(params: Any) -> Any:
       lambda path, leaf: decays(_path_name(path), tuple(leaf.shape)), params)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule
-                   ) -> optax.GradientTransformation:
+def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule,
+                   decay_mask: Any = weight_decay_mask) -> optax.GradientTransformation:
   """Global-norm clip, then AdamW with masked decoupled weight decay (torch.optim.AdamW's).
 
   The second moment always has the parameters' dtype (float32); `adam_mu_dtype` may store
-  the first moment in bfloat16 (half its memory; the update is computed in float32)."""
+  the first moment in bfloat16 (half its memory; the update is computed in float32).
+  `decay_mask`: params -> tree of bools (the task's rule; default the official one)."""
   parts = []
   if config.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
   parts.append(optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
                            mu_dtype=jnp.dtype(config.adam_mu_dtype) if config.adam_mu_dtype
                            else None,
-                           weight_decay=config.weight_decay, mask=weight_decay_mask))
+                           weight_decay=config.weight_decay, mask=decay_mask))
   return optax.chain(*parts)
 
 
@@ -110,11 +134,19 @@ def ema_update(ema_params: Any, params: Any, decay: float) -> Any:
 
 def schedule_fn(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
                 ) -> optax.Schedule:
-  """The learning-rate schedule of a run: warmup_epochs of steps, cosine to total_steps."""
-  warmup = int(round(config.warmup_epochs * steps_per_epoch))
+  """The learning-rate schedule of a run: warmup_steps (or warmup_epochs of steps), then
+  cosine or poly (config.lr_schedule) to total_steps."""
+  if config.warmup_steps >= 0:
+    warmup = int(config.warmup_steps)
+  else:
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+  if config.lr_schedule == "poly":
+    return poly_schedule(scaled_learning_rates(config), min(warmup, total_steps), total_steps,
+                         config.poly_power)
   return lr_schedule(scaled_learning_rates(config), min(warmup, total_steps), total_steps)
 
 
 __all__ = [
     "LearningRates", "NO_DECAY_KEYWORDS", "NO_DECAY_NAMES", "decays", "ema_update",
-    "lr_schedule", "make_optimizer", "scaled_learning_rates", "schedule_fn", "weight_decay_mask"]
+    "lr_schedule", "make_optimizer", "poly_schedule", "scaled_learning_rates", "schedule_fn",
+    "weight_decay_mask"]

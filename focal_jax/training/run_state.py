@@ -17,9 +17,9 @@ import jax
 import ml_collections
 from flax import nnx
 
-from focal_jax import weights
-from focal_jax.training import checkpoint, evaluate, input, sharding
+from focal_jax.training import checkpoint, sharding
 from focal_jax.training import train_state as ts
+from focal_jax.training.tasks import get_task
 from focal_jax.training.train_step import step_setup
 
 
@@ -39,18 +39,18 @@ class Run:
       raise ValueError(
           f"batch_size={config.batch_size} is not a multiple of the {divisor} devices the batch "
           f"is split over (mesh data x fsdp); use a multiple of {divisor}.")
-    self.builder = input.get_builder(config, prepare=False)
-    self.num_classes = input.num_classes(self.builder)
-    self.spec = ts.model_spec_from_config(config, self.num_classes)
+    self.task = get_task(config)
+    self.builder = self.task.get_builder(config, prepare=False)
+    self.num_classes = self.task.num_classes(self.builder)
+    self.spec = self.task.model_spec(config, self.num_classes)
     self.use_ema = config.ema_decay > 0
-    self.description = weights.model_description(
-        self.spec.name, self.num_classes, self.spec.img_size, self.spec.json_overrides())
+    self.description = self.task.description(self.spec)
 
   def prepare(self) -> None:
     """Prepares the dataset (first use) and builds schedule, optimiser, shardings, eval step."""
     config = self.config
-    self.builder = input.get_builder(config)
-    self.steps_per_epoch = input.steps_per_epoch(self.builder, config)
+    self.builder = self.task.get_builder(config)
+    self.steps_per_epoch = self.task.steps_per_epoch(self.builder, config)
     if config.num_train_steps > 0:
       self.total_steps = int(config.num_train_steps)
     else:
@@ -60,10 +60,7 @@ class Run:
     self.abstract, self.shardings = self.setup.abstract, self.setup.shardings
     self.rest = ts.init_rest(self.spec, self.mesh)
     self.rest_shardings = self.setup.rest_shardings
-    self.eval_batch_size = evaluate.eval_batch_size(config.eval_batch_size or config.batch_size,
-                                                    self.mesh)
-    self.eval_step = evaluate.make_eval_step(self.spec, self.mesh, self.shardings.params,
-                                             self.rest_shardings, config.matmul_precision)
+    self.evaluator = self.task.evaluator(self)
     logging.info("Model %s: %d classes, %d parameters; mesh %s; %d steps (%d per epoch).",
                  self.spec.name or "custom", self.num_classes, self.num_params(),
                  dict(self.mesh.shape), self.total_steps, self.steps_per_epoch)
@@ -76,31 +73,27 @@ class Run:
     """Bytes a checkpoint (parameters, two Adam moments, EMA) and the export take."""
     return 4 * self.num_params() * (4 + self.use_ema)  # float32
 
-  def evaluate(self, params: Any) -> dict[str, Any]:
-    batches, _ = input.eval_batches(self.builder, self.config, self.eval_batch_size)
-    results = evaluate.evaluate(self.eval_step, params, self.rest, batches, self.mesh,
-                                self.config.eval_steps)
-    if self.config.eval_steps < 0:  # a full pass: images that did not decode were skipped
-      skipped = input.eval_examples(self.builder, self.config) - results["eval/examples"]
-      results["eval/skipped"] = skipped
-      if skipped:
-        logging.warning("%d image(s) of the eval split %r could not be decoded and were left "
-                        "out of the evaluation.", skipped, self.config.eval_split)
-    return results
+  def evaluate(self, params: Any, stats: Any = None, prefix: str = "eval") -> dict[str, Any]:
+    """The task's evaluation of these parameters (and batch statistics)."""
+    return self.evaluator(params, stats, prefix)
 
   def evaluate_all(self, state: ts.TrainState) -> dict[str, Any]:
-    results = self.evaluate(state.params)
+    results = self.evaluate(state.params, state.batch_stats)
     if state.ema_params is not None:
-      ema = self.evaluate(state.ema_params)
-      results.update({k.replace("eval/", "eval_ema/"): v for k, v in ema.items()})
+      results.update(self.evaluate(state.ema_params, state.batch_stats, "eval_ema"))
     return results
+
+  def variables(self, state: ts.TrainState) -> Any:
+    """What an export holds: the parameters and the batch statistics (if any)."""
+    return ts.model_variables(state.params, state.batch_stats)
 
   def check_model(self, meta: dict[str, Any], where: str) -> None:
     """A checkpoint of another model is an error, not a silent shape mismatch."""
     saved = meta.get("model")
     mine = self.description
-    if saved is not None and (saved.get("model"), saved.get("num_classes"), saved.get("overrides")
-                              ) != (mine["model"], mine["num_classes"], mine["overrides"]):
+    fields = lambda d: (d.get("task", "classification"), d.get("model"),  # noqa: E731
+                        d.get("num_classes"), d.get("overrides"))
+    if saved is not None and fields(saved) != fields(mine):
       raise ValueError(
           f"The checkpoint in {where} is of another model: {json.dumps(saved)}; this config "
           f"builds {json.dumps(mine)}. Use another workdir, or a config for that model.")

@@ -2,6 +2,8 @@
 
 Parameters live in the state as a pure dict mirroring the model tree
 (`nnx.to_pure_dict(nnx.state(model, nnx.Param))`), so optax, orbax and jit see plain arrays.
+A model with BatchNorm (the segmenter) also has `batch_stats`, its nnx.BatchStat variables as
+a pure dict: updated by the train step, checkpointed and exported, never optimised.
 Dropout keys are not state: every step reseeds the model's dropout streams from
 fold_in(rng, step), so a resumed run draws exactly what an uninterrupted one would.
 """
@@ -34,6 +36,7 @@ class TrainState:
   opt_state: Any  # optax state of `params`
   ema_params: Any  # pure dict like params (EMA on), or None
   rng: jax.Array  # uint32 [2]: key data; step s uses fold_in(key, s)
+  batch_stats: Any = None  # pure dict of the model's nnx.BatchStat variables, or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,10 +52,18 @@ class ModelSpec:
   eval_graphdef: Any
   abstract_params: nnx.State  # with logical-axis metadata
   abstract_rest: Any  # pure dict of ShapeDtypeStructs: the dropout RNG streams
+  abstract_stats: Any = None  # pure dict of ShapeDtypeStructs (BatchStat), or None
+  build: Callable[..., nnx.Module] = models.create_model  # (name, num_classes=, ...)
 
-  def create(self) -> models.FocalTransformer:
-    return models.create_model(self.name, num_classes=self.num_classes,
-                               img_size=self.img_size, seed=self.seed, **self.overrides)
+  def create(self) -> nnx.Module:
+    return self.build(self.name, num_classes=self.num_classes, img_size=self.img_size,
+                      seed=self.seed, **self.overrides)
+
+  def merge(self, graphdef: Any, params: Any, stats: Any, rest: Any) -> nnx.Module:
+    """The model of `graphdef` with these parameters, batch statistics (or None) and rest."""
+    if stats is None:
+      return nnx.merge(graphdef, params, rest)
+    return nnx.merge(graphdef, params, stats, rest)
 
   def json_overrides(self) -> dict[str, Any]:
     """Overrides with JSON-friendly values (dtype by name)."""
@@ -62,28 +73,77 @@ class ModelSpec:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
+def _shapes(state: Any) -> Any:
+  return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state))
+
+
 def model_spec(name: str | None, num_classes: int, img_size: int, overrides: dict[str, Any],
-               seed: int = 0) -> ModelSpec:
-  """Builds the model abstractly (no parameters allocated) to get graphdefs and metadata."""
-  partial = ModelSpec(name, num_classes, img_size, dict(overrides), seed, None, None, None, None)
+               seed: int = 0, build: Callable[..., nnx.Module] = models.create_model
+               ) -> ModelSpec:
+  """Builds the model abstractly (no parameters allocated) to get graphdefs and metadata;
+  `build(name, num_classes=, img_size=, seed=, **overrides)` makes the model."""
+  partial = ModelSpec(name, num_classes, img_size, dict(overrides), seed, None, None, None, None,
+                      None, build)
   model = nnx.eval_shape(partial.create)
   model.train()
-  train_graphdef, abstract_params, abstract_rest = nnx.split(model, nnx.Param, ...)
+  stats = None
+  if jax.tree.leaves(nnx.state(model, nnx.BatchStat)):
+    train_graphdef, abstract_params, stats, abstract_rest = nnx.split(
+        model, nnx.Param, nnx.BatchStat, ...)
+    stats = _shapes(stats)
+  else:
+    train_graphdef, abstract_params, abstract_rest = nnx.split(model, nnx.Param, ...)
   model.eval()
   eval_graphdef = nnx.graphdef(model)
-  abstract_rest = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
-                               nnx.to_pure_dict(abstract_rest))
   return dataclasses.replace(partial, train_graphdef=train_graphdef, eval_graphdef=eval_graphdef,
-                             abstract_params=abstract_params, abstract_rest=abstract_rest)
+                             abstract_params=abstract_params, abstract_rest=_shapes(abstract_rest),
+                             abstract_stats=stats)
 
 
-def model_spec_from_config(config: ml_collections.ConfigDict, num_classes: int) -> ModelSpec:
+def model_spec_from_config(config: ml_collections.ConfigDict, num_classes: int,
+                           build: Callable[..., nnx.Module] = models.create_model
+                           ) -> ModelSpec:
   """The model of a training config: model.name + model.overrides, dtype, image_size, seed."""
   overrides = model_overrides(config)
   if config.dtype != "float32":
     overrides["dtype"] = DTYPES[config.dtype]
   return model_spec(config.model.name or None, num_classes, config.image_size, overrides,
-                    config.seed)
+                    config.seed, build)
+
+
+def model_variables(params: Any, stats: Any) -> Any:
+  """One pure dict of the model's parameters and batch statistics (what an export holds)."""
+  if stats is None:
+    return params
+  merged = dict(params)
+  for key, value in stats.items():
+    merged[key] = model_variables(merged[key], value) if key in merged else value
+  return merged
+
+
+def split_variables(variables: Any, abstract_stats: Any) -> tuple[Any, Any]:
+  """`model_variables`' inverse: (params, stats) where `abstract_stats` says which are stats."""
+  if abstract_stats is None:
+    return variables, None
+  params, stats = {}, {}
+  for key, value in variables.items():
+    if key not in abstract_stats:
+      params[key] = value
+    elif isinstance(abstract_stats[key], dict):
+      params[key], stats[key] = split_variables(value, abstract_stats[key])
+      if not params[key]:
+        del params[key]
+    else:
+      stats[key] = value
+  return params, stats
+
+
+def init_stats(spec: ModelSpec, mesh: Mesh) -> Any:
+  """The model's initial batch statistics (its constructor's), replicated; None without."""
+  if spec.abstract_stats is None:
+    return None
+  return jax.jit(lambda: nnx.to_pure_dict(nnx.state(spec.create(), nnx.BatchStat)),
+                 out_shardings=sharding.replicated(mesh))()
 
 
 def init_params(spec: ModelSpec, params_shardings: Any) -> Any:
@@ -127,12 +187,14 @@ def state_shardings(tx: optax.GradientTransformation, spec: ModelSpec, mesh: Mes
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   opt_shardings = sharding.opt_state_shardings(tx, abstract_opt, params_shardings, mesh)
   rep = sharding.replicated(mesh)
+  stats = spec.abstract_stats
   abstract = TrainState(
       step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt,
       ema_params=abstract_params if use_ema else None,
-      rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+      rng=jax.ShapeDtypeStruct((2,), jnp.uint32), batch_stats=stats)
   shardings = TrainState(step=rep, params=params_shardings, opt_state=opt_shardings,
-                         ema_params=params_shardings if use_ema else None, rng=rep)
+                         ema_params=params_shardings if use_ema else None, rng=rep,
+                         batch_stats=None if stats is None else jax.tree.map(lambda _: rep, stats))
   return abstract, shardings
 
 
@@ -194,4 +256,5 @@ def create_train_state(spec: ModelSpec, tx: optax.GradientTransformation, shardi
     ema = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.ema_params)(params)
   step, rng = jax.jit(lambda: (jnp.zeros((), jnp.int32), rng_data(seed)),
                       out_shardings=sharding.replicated(mesh))()
-  return TrainState(step=step, params=params, opt_state=opt_state, ema_params=ema, rng=rng)
+  return TrainState(step=step, params=params, opt_state=opt_state, ema_params=ema, rng=rng,
+                    batch_stats=init_stats(spec, mesh))
