@@ -119,3 +119,22 @@ def test_every_focalnet_segmenter_builds_for_512_crops(name):
   assert out.shape == (1, 128, 171, 150)
   count = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(seg, nnx.Param)))
   assert count == PARAMS[name]
+
+
+def test_segmentation_weight_decay_matches_the_released_rule_on_official_names():
+  """The segmentation task's substring rule (FocalNet's released configs: no decay for names
+  holding absolute_pos_embed, relative_position_bias_table or norm) gives the same mask on
+  our dotted names as on the official keys, for every FocalNet segmenter parameter."""
+  from focal_jax.convert.segmentation_names import segmentation_entries  # noqa: PLC0415
+  from focal_jax.training.tasks import segmentation as segmentation_task  # noqa: PLC0415
+
+  seg = nnx.eval_shape(lambda: focal_jax.create_segmenter("focalnet_tiny_lrf", 150, 512))
+  params = nnx.to_pure_dict(nnx.state(seg, nnx.Param))
+  mask = {jax.tree_util.keystr(k, simple=True, separator="."): bool(v) for k, v in
+          jax.tree_util.tree_leaves_with_path(segmentation_task.decay_mask(None)(params))}
+  official = {".".join(str(p) for p in e.path): e.key for e in segmentation_entries(seg)
+              if e.path is not None and ".".join(str(p) for p in e.path) in mask}
+  assert len(official) == len(mask) == 271
+  assert all(mask[path] == segmentation_task.decays(key) for path, key in official.items())
+  assert not mask["backbone.layers.0.blocks.0.norm1.scale"] and not mask["backbone.norm2.bias"]
+  assert mask["backbone.layers.0.blocks.0.modulation.focal_layers.0.kernel"]
