@@ -138,3 +138,22 @@ def test_segmentation_weight_decay_matches_the_released_rule_on_official_names()
   assert all(mask[path] == segmentation_task.decays(key) for path, key in official.items())
   assert not mask["backbone.layers.0.blocks.0.norm1.scale"] and not mask["backbone.norm2.bias"]
   assert mask["backbone.layers.0.blocks.0.modulation.focal_layers.0.kernel"]
+
+
+def test_command_line_both_ways(tmp_path):
+  """focal-jax-convert --task segmentation with a FocalNet backbone: .pth -> export -> .pth."""
+  from focal_jax.convert.__main__ import main as convert_main  # noqa: PLC0415
+
+  ref, _, state_dict = reference_and_converted(64, num_classes=7)
+  source, export, out = tmp_path / "in.pth", tmp_path / "export", tmp_path / "out.pth"
+  torch.save({"meta": {}, "state_dict": ref.float().state_dict()}, source)
+  convert_main(["from-torch", "--task", "segmentation", "--model", NAME, "--checkpoint",
+                str(source), "--output", str(export), "--img-size", "64",
+                "--set", "depths=[1,1,2,1]", "--set", "embed_dim=16"])
+  convert_main(["to-torch", "--checkpoint", str(export), "--output", str(out)])
+  written = torch.load(out, weights_only=True)
+  assert written["meta"]["backbone"] == NAME
+  assert written["meta"]["backbone_options"]["focal_windows"] == [9, 9, 9, 9]
+  assert list(written["state_dict"]) == list(state_dict)
+  for key, value in state_dict.items():
+    np.testing.assert_array_equal(written["state_dict"][key].numpy(), value)
