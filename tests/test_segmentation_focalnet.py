@@ -157,3 +157,31 @@ def test_command_line_both_ways(tmp_path):
   assert list(written["state_dict"]) == list(state_dict)
   for key, value in state_dict.items():
     np.testing.assert_array_equal(written["state_dict"][key].numpy(), value)
+
+
+def test_imagenet_focal_kernels_are_padded_into_the_segmentation_backbone():
+  """init_from: the classifier's 3x3 / 5x5 / 7x7 focal kernels sit zero-padded in the
+  backbone's 9x9 / 11x11 / 13x13, as FocalNet's segmentation load_checkpoint places them."""
+  from jax.sharding import SingleDeviceSharding  # noqa: PLC0415
+
+  from focal_jax import pretrained  # noqa: PLC0415
+  from focal_jax.models.segmenter import create_segmenter  # noqa: PLC0415
+  from focal_jax.training import train_state as ts  # noqa: PLC0415
+  from focal_jax.training.tasks import segmentation as segmentation_task  # noqa: PLC0415
+
+  options = dict(REDUCED, decode_channels=16, auxiliary_channels=8)
+  spec = ts.model_spec(NAME, 5, 64, options, 0, create_segmenter)
+  classifier = focal_jax.create_model(NAME, num_classes=1000, img_size=64, **REDUCED)
+  source = {pretrained.param_name(path): np.asarray(v) for path, v in
+            jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(classifier, nnx.Param)))}
+  device = SingleDeviceSharding(jax.devices()[0])
+  shardings = jax.tree.map(lambda _: device, nnx.to_pure_dict(spec.abstract_params))
+  params = segmentation_task.pretrained_params(spec, shardings, "classifier",
+                                               read_checkpoint=lambda *_: source)
+  modulation = params["backbone"]["layers"][1]["blocks"][0]["modulation"]
+  kernel = np.asarray(modulation["focal_layers"][2]["kernel"])
+  small = source["layers.1.blocks.0.modulation.focal_layers.2.kernel"]
+  assert small.shape == (7, 7, 1, 32) and kernel.shape == (13, 13, 1, 32)
+  np.testing.assert_array_equal(kernel[3:10, 3:10], small)
+  assert not kernel[:3].any() and not kernel[:, 10:].any()
+  assert segmentation_task.fit_focal_kernel(kernel, (9, 9, 1, 32)).shape == (9, 9, 1, 32)
