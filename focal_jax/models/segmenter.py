@@ -1,11 +1,12 @@
-"""UPerNet semantic segmentation with a Focal Transformer backbone (mmsegmentation's
-`EncoderDecoder` with the `upernet_swin` heads).
+"""UPerNet semantic segmentation with a Focal Transformer or FocalNet backbone
+(mmsegmentation's `EncoderDecoder` with the `upernet_swin` / `upernet_focalnet` heads).
 
 `seg(images)` gives the decode head's logits at stride 4; `seg.forward_train(images)` also
 gives the auxiliary head's (stride 16) for the training loss, which belongs to the task.
 Images of any height and width: they are zero-padded at the bottom and right to what the
 backbone needs (multiples of 32 for the Focal Transformer; for Focal-fast, whole windows in
-every stage, e.g. multiples of 224 with window 7) and the logits are cropped back to
+every stage, e.g. multiples of 224 with window 7; for FocalNet, multiples of 4, its backbone
+padding each stage inside as officially) and the logits are cropped back to
 ceil(H/4) x ceil(W/4), as mmsegmentation's backbones pad inside and `whole` inference keeps
 the unpadded part. Train and evaluate with `seg.train()` / `seg.eval()` (dropout, drop path,
 batch or running BatchNorm statistics).
