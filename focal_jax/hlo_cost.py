@@ -20,7 +20,8 @@ from typing import Iterable
 
 # The groups, in report order.
 GROUPS = ("attention_keys", "attention_products", "attention_projections", "softmax", "mlp",
-          "norm", "patch_embed", "head_and_loss", "optimizer", "copies", "collectives", "other")
+          "norm", "patch_embed", "decode_head", "head_and_loss", "optimizer", "copies",
+          "collectives", "other")
 
 # A function on an operation's call stack -> its group; the innermost listed one wins. The
 # backward pass carries its forward operation's stack.
@@ -44,6 +45,9 @@ _FUNCTION_GROUPS = {
     "FocalTransformer.forward_head": "head_and_loss", "soft_cross_entropy": "head_and_loss",
     "softmax_cross_entropy": "head_and_loss", "smooth_one_hot": "head_and_loss",
     "mix_groups": "head_and_loss", "VitReference.forward_head": "head_and_loss",
+    # Segmentation: UPerNet's heads (convolutions, BatchNorm, pooling, resizing), its loss.
+    "UPerHead.__call__": "decode_head", "FCNHead.__call__": "decode_head",
+    "pixel_cross_entropy": "head_and_loss",
 }
 # Functions on the training step's path to the model: below them, an operation that no
 # function above names is the model's ("other"); outside them it is the optimiser's.

@@ -143,6 +143,18 @@ def test_readme_demo_command_runs_to_its_end_and_resumes_exactly(tmp_path):
   for name, value in _flat(again).items():
     np.testing.assert_array_equal(value, _flat(exported)[name], err_msg=name)
 
+  # The multi-scale + flip column, evaluated from the workdir's last checkpoint.
+  config = _shrunk()
+  config.mode = "eval"
+  config.segmentation.eval_scales = (0.75, 1.0)
+  config.segmentation.eval_flip = True
+  result = loop.train_and_evaluate(config, workdir)
+  assert result.step == 4 and result.eval_metrics["eval/examples"] == 3
+  assert 0 <= result.eval_metrics["eval/mIoU"] <= 100
+  config.segmentation.eval_scales = ()
+  with pytest.raises(ValueError, match="eval_scales"):
+    loop.train_and_evaluate(config, workdir)
+
 
 def _flat(tree) -> dict[str, np.ndarray]:
   """{'a.0.b': array}: exports read back with string keys where the model has integers."""

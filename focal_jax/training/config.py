@@ -147,6 +147,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.segmentation.eval_mode = "whole"  # or "slide"
   c.segmentation.slide_crop = 512
   c.segmentation.slide_stride = 341
+  # Multi-scale + flip evaluation (the "MS" column): eval_scales=(0.5, 0.75, 1.0, 1.25, 1.5,
+  # 1.75), eval_flip=True; ratios of the test-scale image, softmaxes averaged.
+  c.segmentation.eval_scales = (1.0,)
+  c.segmentation.eval_flip = False
 
   c.log_every_steps = 50
   c.eval_every_steps = 0  # 0 = once per epoch; the end of training is always evaluated
@@ -194,6 +198,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.segmentation.eval_mode not in ("whole", "slide"):
     raise ValueError(f"segmentation.eval_mode={config.segmentation.eval_mode!r}; expected "
                      "'whole' or 'slide'.")
+  scales = tuple(config.segmentation.eval_scales)
+  if not scales or any(not isinstance(r, (int, float)) or r <= 0 for r in scales):
+    raise ValueError(f"segmentation.eval_scales={scales!r}; expected positive ratios, e.g. "
+                     "(0.5, 0.75, 1.0, 1.25, 1.5, 1.75).")
   if config.distributed.cpu_collectives not in CPU_COLLECTIVES:
     raise ValueError(f"distributed.cpu_collectives={config.distributed.cpu_collectives!r}; "
                      f"expected one of {CPU_COLLECTIVES}.")

@@ -10,7 +10,8 @@ with reduction "none", then `.mean()`); decode head weight 1.0 + auxiliary head
 `segmentation.auxiliary_loss_weight` (0.4).
 
 Evaluation: every image of the eval split once, at its test size (the data pipeline's),
-through `focal_jax.segment` ("whole" or "slide"); predictions resized to the label's size;
+through `focal_jax.segment` ("whole" or "slide", `eval_scales` ratios of the test-scale
+image and `eval_flip` for the multi-scale column); predictions resized to the label's size;
 per-class intersections, unions, predicted and labelled areas summed over the split; then
 mIoU (mean of the classes whose IoU is defined, i.e. present in the labels or the
 predictions), mAcc, aAcc in percent, as mmsegmentation's `mean_iou`. Per-class IoU and
@@ -265,7 +266,8 @@ def evaluator(run) -> Callable[..., dict[str, Any]]:
     """Class map [1, H, W] of one image [1, h, w, 3]: one compiled call per shape."""
     model = spec.merge(spec.eval_graphdef, params, stats, rest)
     return segment(model, image, mode=seg.eval_mode, crop=seg.slide_crop,
-                   stride=seg.slide_stride, output_size=output_size)
+                   stride=seg.slide_stride, scales=tuple(seg.eval_scales),
+                   flip=bool(seg.eval_flip), output_size=output_size)
 
   def evaluate_params(params: Any, stats: Any = None, prefix: str = "eval") -> dict[str, Any]:
     if jax.process_count() > 1:
