@@ -181,20 +181,25 @@ def test_notebook_install_cells_outside_a_clone(tmp_path):
 
 
 def test_make_figures_trains_the_demo_and_writes_every_figure(tmp_path, digits_dir):  # noqa: F811
-  """`python scripts/make_figures.py`, the demo's training shortened to 2 steps
-  (`--steps`) and the figures written to a temporary directory (`--out`): each figure of
-  docs/ is written as a 256-colour PNG of the committed figure's size, and the curve plots
-  the run it trained."""
-  out, workdir = tmp_path / "docs", tmp_path / "run"
+  """`python scripts/make_figures.py`, the demos' training shortened to 2 steps
+  (`--steps`, `--seg-steps`) and the figures written to a temporary directory (`--out`):
+  each figure of docs/ is written as a 256-colour PNG of the committed figure's size, and
+  the curve plots the run it trained."""
+  out, workdir, seg_workdir = tmp_path / "docs", tmp_path / "run", tmp_path / "seg"
   printed = _python("scripts/make_figures.py", "--steps", "2", "--out", str(out), "--workdir",
-                    str(workdir), "--data-dir", digits_dir).stdout
+                    str(workdir), "--data-dir", digits_dir, "--seg-steps", "2",
+                    "--seg-workdir", str(seg_workdir), timeout=600).stdout
   assert f"training configs/demo.py for 2 steps in {workdir} ..." in printed
   assert f"wrote {out}/attention.png and {out}/receptive_fields.png" in printed
+  assert f"training configs/demo_seg.py for 2 steps in {seg_workdir} ..." in printed
+  assert f"wrote {out}/segmentation_demo.png" in printed
+  assert [r["step"] for r in metrics.read_metrics(str(seg_workdir)) if "eval/mIoU" in r] == [2]
   assert printed.endswith(f"wrote {out}/training_curve.png\n"), printed[-1000:]
   records = metrics.read_metrics(str(workdir))
   assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
   assert [r["step"] for r in records if "eval/top1" in r] == [1, 2]
-  for name in ("attention.png", "receptive_fields.png", "training_curve.png"):
+  for name in ("attention.png", "receptive_fields.png", "training_curve.png",
+               "segmentation_demo.png"):
     path = out / name
     with open(path, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n", name

@@ -119,7 +119,9 @@ def runs(kernel_env, tmp_path_factory):
   train = dict(TRAIN_STEPS=4, RESUME_STEPS=0, BATCH_SIZE=16, EVAL_EVERY=4, WORKDIR=workdir,
                DATA_DIR=str(tmp_path_factory.mktemp("tfds")), JAX_CACHE_DIR=kernel_env,
                MODEL_OVERRIDES=dict(TEST_ARCH, drop_path_rate=0.1))
-  quickstart = dict(OVERRIDES=TEST_ARCH, IMG_SIZE=32, QUERY=(10, 20))
+  quickstart = dict(OVERRIDES=TEST_ARCH, IMG_SIZE=32, QUERY=(10, 20),
+                    SEG_OVERRIDES=dict(TEST_ARCH, patch_size=4, decode_channels=16,
+                                       auxiliary_channels=8))
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
   futures = {"train": pool.submit(run_notebook, "02_train_tpu.ipynb", train),
              "quickstart": pool.submit(run_notebook, "01_quickstart.ipynb", quickstart)}
@@ -132,7 +134,9 @@ def test_quickstart_notebook(runs):
   text = text_output(nb)
   assert "keys/query" in text and "FOCAL_JAX_OFFLINE=1" in text
   assert "logits (1, 1000)" in text
-  assert count_images(nb) >= 5  # photo, 2 attention pictures, weighted one, receptive fields
+  assert "segmenter logits (4, 16, 16, 11)" in text and "class maps (4, 64, 64)" in text
+  # photo, 2 attention pictures, weighted one, receptive fields, segmentation scenes
+  assert count_images(nb) >= 6
 
 
 @pytest.fixture(scope="module")

@@ -144,6 +144,8 @@ def default_config() -> ml_collections.ConfigDict:
   # split are evaluated whole at their test size, or by sliding crops.
   c.segmentation = ml_collections.ConfigDict()
   c.segmentation.auxiliary_loss_weight = 0.4  # FCNHead on stage 3 (decode head: 1.0)
+  # One loss weight per class (mmsegmentation's class_weight), or () for none.
+  c.segmentation.class_weight = ()
   c.segmentation.eval_mode = "whole"  # or "slide"
   c.segmentation.slide_crop = 512
   c.segmentation.slide_stride = 341
@@ -151,6 +153,13 @@ def default_config() -> ml_collections.ConfigDict:
   # 1.75), eval_flip=True; ratios of the test-scale image, softmaxes averaged.
   c.segmentation.eval_scales = (1.0,)
   c.segmentation.eval_flip = False
+  # Training transforms (focal_jax.data.SegAugmentConfig); defaults: mmsegmentation's ADE20K
+  # recipe. Random rescale ratio, the crop's largest-class limit (>= 1 disables it),
+  # horizontal flip probability, photometric distortion on or off.
+  c.segmentation.ratio_range = (0.5, 2.0)
+  c.segmentation.cat_max_ratio = 0.75
+  c.segmentation.hflip = 0.5
+  c.segmentation.photometric = True
 
   c.log_every_steps = 50
   c.eval_every_steps = 0  # 0 = once per epoch; the end of training is always evaluated

@@ -7,7 +7,8 @@ on stage 3, BatchNorm over the global batch). Loss: each head's logits resized b
 zero; averaged over ALL pixels of the batch, ignored ones included, which is what
 mmsegmentation's CrossEntropyLoss does by default (`avg_non_ignore=False`: F.cross_entropy
 with reduction "none", then `.mean()`); decode head weight 1.0 + auxiliary head
-`segmentation.auxiliary_loss_weight` (0.4).
+`segmentation.auxiliary_loss_weight` (0.4); `segmentation.class_weight` weighs each pixel
+by its label's class, as mmsegmentation's `class_weight`.
 
 Evaluation: every image of the eval split once, at its test size (the data pipeline's),
 through `focal_jax.segment` ("whole" or "slide", `eval_scales` ratios of the test-scale
@@ -25,7 +26,7 @@ import json
 import logging
 import os
 import re
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -85,8 +86,13 @@ def records_per_epoch(builder, config: ml_collections.ConfigDict) -> int:
 
 
 def augment_config(config: ml_collections.ConfigDict):
-  """The dataset's mmsegmentation transforms with crop image_size."""
-  return _data().augment_config(config.dataset, config.image_size)
+  """The dataset's mmsegmentation transforms with crop image_size and the run's
+  `segmentation` knobs (rescale ratio, cat_max_ratio, flip, photometric distortion)."""
+  seg = config.segmentation
+  return _data().augment_config(
+      config.dataset, config.image_size, ratio_range=tuple(float(r) for r in seg.ratio_range),
+      cat_max_ratio=float(seg.cat_max_ratio), hflip=float(seg.hflip),
+      photometric=bool(seg.photometric))
 
 
 def train_batches(builder, config: ml_collections.ConfigDict, start_step: int,
@@ -115,10 +121,12 @@ def abstract_batch(config: ml_collections.ConfigDict, batch_size: int,
                                         sharding=batch_sharding)}
 
 
-def pixel_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """mmsegmentation's default CrossEntropyLoss: logits [B, h, w, K] resized bilinearly to
-  labels [B, H, W]; -log softmax at the label, 0 where the label is 255; the mean over all
-  B*H*W pixels (ignored ones included). Float32; one-hot products, no gather."""
+def pixel_cross_entropy(logits: jax.Array, labels: jax.Array,
+                        class_weight: Sequence[float] | None = None) -> jax.Array:
+  """mmsegmentation's CrossEntropyLoss: logits [B, h, w, K] resized bilinearly to labels
+  [B, H, W]; -log softmax at the label, times `class_weight[label]` when given (its
+  `class_weight`), 0 where the label is 255; the mean over all B*H*W pixels (ignored ones
+  included, `avg_non_ignore=False`). Float32; one-hot products, no gather."""
   size = tuple(labels.shape[1:3])
   logits = logits.astype(jnp.float32)
   if tuple(logits.shape[1:3]) != size:
@@ -127,7 +135,21 @@ def pixel_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   one_hot = (labels[..., None] == classes).astype(jnp.float32)  # all zero at 255
   picked = jnp.sum(one_hot * logits, axis=-1)
   nll = jax.nn.logsumexp(logits, axis=-1) - picked  # [B, H, W]
+  if class_weight is not None:
+    nll = nll * (one_hot @ jnp.asarray(class_weight, jnp.float32))  # weight of the label
   return jnp.sum(jnp.where(labels != IGNORE_LABEL, nll, 0.0)) / labels.size
+
+
+def class_weights(config: ml_collections.ConfigDict, num_classes: int) -> tuple[float, ...] | None:
+  """`segmentation.class_weight` as a tuple (None when empty); raises if its length is not
+  the number of classes."""
+  weights = tuple(float(w) for w in config.segmentation.class_weight)
+  if not weights:
+    return None
+  if len(weights) != num_classes:
+    raise ValueError(f"segmentation.class_weight has {len(weights)} values; expected one per "
+                     f"class of {config.dataset} ({num_classes}).")
+  return weights
 
 
 def train_hooks(config: ml_collections.ConfigDict, spec: ts.ModelSpec, mesh: Mesh) -> StepHooks:
@@ -136,6 +158,7 @@ def train_hooks(config: ml_collections.ConfigDict, spec: ts.ModelSpec, mesh: Mes
 
   batch_sharding = sharding.batch_sharding(mesh)
   aux_weight = config.segmentation.auxiliary_loss_weight
+  weights = class_weights(config, spec.num_classes)
 
   def prepare(key, batch):
     del key  # the pipeline already augmented the crops
@@ -146,9 +169,9 @@ def train_hooks(config: ml_collections.ConfigDict, spec: ts.ModelSpec, mesh: Mes
     images, labels = inputs
     with split_batch(batch_sharding):
       decode, auxiliary = model.forward_train(images)
-    total = DECODE_LOSS_WEIGHT * pixel_cross_entropy(decode, labels)
+    total = DECODE_LOSS_WEIGHT * pixel_cross_entropy(decode, labels, weights)
     if auxiliary is not None:
-      total = total + aux_weight * pixel_cross_entropy(auxiliary, labels)
+      total = total + aux_weight * pixel_cross_entropy(auxiliary, labels, weights)
     return total
 
   return StepHooks(prepare, loss)
