@@ -8,7 +8,8 @@ focal_jax (float32, highest matmul precision) converted from its state_dict; pri
 largest absolute difference of the decode and auxiliary logits per image size.
 table:  parameters (150 classes, built for 512 crops) and MACs as mmsegmentation counts
 them (decode path at 2048x512) for Focal-T/S/B, beside the official figures, for the
-classification settings and for the settings that come nearest to them.
+classification settings and for the settings that come nearest to them; then FocalNet-T/S/B
+SRF/LRF with the backbone options of FocalNet's released ADE20K configs.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ import focal_jax  # noqa: E402
 from focal_jax.models.segmenter_flops import segmenter_macs  # noqa: E402
 
 OFFICIAL = {"focal_tiny": (62e6, 998e9), "focal_small": (85e6, 1130e9), "focal_base": (126e6, 1354e9)}
+# microsoft/FocalNet's README, UPerNet on ADE20K (160k): params, FLOPs at 2048x512.
+OFFICIAL_FOCALNET = {"focalnet_tiny_srf": (61e6, 944e9), "focalnet_tiny_lrf": (61e6, 949e9),
+                     "focalnet_small_srf": (83e6, 1035e9), "focalnet_small_lrf": (84e6, 1044e9),
+                     "focalnet_base_srf": (124e6, 1180e9), "focalnet_base_lrf": (126e6, 1192e9)}
 
 
 def parity(model: str, sizes: list[tuple[int, int]], num_classes: int) -> None:
@@ -82,6 +87,21 @@ def table() -> None:
             f"{official_macs / 1e9:.0f}G |")
 
 
+def focalnet_table() -> None:
+  """FocalNet UPerNets with the released ADE20K backbone options (focal_windows 9)."""
+  print("| backbone | params | official | MACs 512x512 (hooks) | MACs 2048x512 (hooks / "
+        "official flops()) | official |")
+  print("|---|---|---|---|---|---|")
+  for name, (official_params, official_macs) in OFFICIAL_FOCALNET.items():
+    seg = nnx.eval_shape(lambda n=name: focal_jax.create_segmenter(n, 150, 512))
+    params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(seg, nnx.Param)))
+    square = segmenter_macs(seg, (512, 512), backbone="hooks")["total"]
+    hooks = segmenter_macs(seg, (2048, 512), backbone="hooks")["total"]
+    formula = segmenter_macs(seg, (2048, 512), backbone="official")["total"]
+    print(f"| {name} | {params / 1e6:.2f}M | {official_params / 1e6:.0f}M | {square / 1e9:.1f}G | "
+          f"{hooks / 1e9:.1f}G / {formula / 1e9:.1f}G | {official_macs / 1e9:.0f}G |")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   commands = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +115,8 @@ def main() -> None:
     parity(args.model, [tuple(s) for s in (args.size or [(512, 512)])], args.num_classes)
   else:
     table()
+    print()
+    focalnet_table()
 
 
 if __name__ == "__main__":

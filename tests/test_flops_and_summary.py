@@ -50,6 +50,20 @@ def test_summary_lists_stages(capsys):
   assert [r[1] for r in rows] == ["56x56", "28x28", "14x14", "7x7"]
 
 
+def test_summary_lists_focalnet_stages(capsys):
+  summary.main(["--model", "focalnet_tiny_lrf"])
+  out = capsys.readouterr().out
+  assert "28,647,928" in out and "4.49 G" in out  # the official count and flops()
+  rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+  assert [r[1] for r in rows] == ["56x56", "28x28", "14x14", "7x7"]
+  assert [r[4] for r in rows] == ["3"] * 4 and [r[5] for r in rows] == ["3,5,7"] * 4
+  assert sum(int(r[6].replace(",", "")) for r in rows) < 28_647_928  # stages only
+  summary.main(["--model", "focalnet_base_iso"])
+  rows = [line.split() for line in capsys.readouterr().out.splitlines()
+          if line.strip()[:1].isdigit()]
+  assert len(rows) == 1 and rows[0][1] == "14x14"
+
+
 def test_unknown_variant_is_a_clear_error():
   with pytest.raises(ValueError, match="Unknown model variant 'focal_huge'.*focal_tiny"):
     focal_jax.create_model("focal_huge")

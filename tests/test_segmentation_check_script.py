@@ -24,6 +24,10 @@ def test_table_prints_every_variant_and_setting_with_the_official_figures():
   assert len(rows) == 9  # T, S, B x three settings
   tiny = next(r for r in rows if r.startswith("| focal_tiny | classification settings"))
   assert "| 60.84M | 62M |" in tiny and tiny.rstrip().endswith("| 998G |")
+  focalnet = [line for line in out.splitlines() if line.startswith("| focalnet_")]
+  assert len(focalnet) == 6  # T, S, B x SRF, LRF with the released segmentation options
+  assert focalnet[0].startswith("| focalnet_tiny_srf | 60.82M | 61M | 235.8G | 943.0G")
+  assert focalnet[0].rstrip().endswith("| 944G |")
 
 
 def test_parity_reports_small_errors_at_a_small_size():

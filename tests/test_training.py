@@ -135,6 +135,33 @@ def test_lr_schedule_pinned_at_key_steps():
   assert np.all(np.diff(values[:split]) > 0) and np.all(np.diff(values[split:]) <= 0)
 
 
+def test_focalnet_weight_decay_follows_its_official_rule():
+  """FocalNet's no_weight_decay() and no_weight_decay_keywords() are {''}: the official
+  set_weight_decay exempts every parameter of every FocalNet (its names all hold '')."""
+  import types  # noqa: PLC0415
+
+  from focal_jax.convert import focalnet_names  # noqa: PLC0415
+  from focal_jax.training.tasks import classification  # noqa: PLC0415
+
+  model = nnx.eval_shape(lambda: focal_jax.create_model(
+      "focalnet_tiny_lrf", num_classes=10, depths=(1, 1, 2, 1), embed_dim=16))
+  official = focalnet_names.official_entries(model)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  names = [e.key for e in official]
+  assert "layers.0.blocks.0.modulation.f.weight" in names and "head.weight" in names
+  assert optim.model_family("focalnet_tiny_lrf") == "focalnet"
+  assert optim.model_family("focal_tiny") == optim.model_family("focalv2_tiny") == "focal"
+  assert not any(optim.decays(name, (16, 16), "focalnet") for name in names)
+  assert optim.decays("layers.0.blocks.0.modulation.f.weight", (16, 16), "focal")
+  mask = classification.decay_mask(types.SimpleNamespace(name="focalnet_tiny_lrf"))(params)
+  leaves = jax.tree.leaves(mask)
+  assert len(leaves) == len(names) and not any(leaves)
+  focal_rule = classification.decay_mask(types.SimpleNamespace(name="focal_tiny"))(params)
+  decayed = {jax.tree_util.keystr(k, simple=True, separator=".")
+             for k, v in jax.tree_util.tree_leaves_with_path(focal_rule) if v}
+  assert "layers.0.blocks.0.modulation.focal_layers.0.kernel" in decayed  # what FocalNet spares
+
+
 def test_weight_decay_mask_follows_the_official_rule():
   model = nnx.eval_shape(lambda: focal_jax.create_model(
       None, num_classes=10, img_size=SIZE, ape=True, use_layerscale=True, **TINY))

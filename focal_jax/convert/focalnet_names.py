@@ -57,7 +57,8 @@ def official_entries(model: FocalNet) -> list[Entry]:
     if layer.downsample is not None:
       entries.extend(_patch_embed(f"layers.{i}.downsample", ("layers", i, "downsample"),
                                   layer.downsample))
-  entries.extend(_norm("norm", ("norm",)))
+  if model.norm is not None:  # a dense-prediction backbone has none
+    entries.extend(_norm("norm", ("norm",)))
   if model.head is not None:
     entries.extend(_linear("head", ("head",)))
   return entries

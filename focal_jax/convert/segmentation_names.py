@@ -1,7 +1,7 @@
 """The name and layout map between a focal_jax Segmenter and mmsegmentation's state_dict.
 
-Keys as in the UPerNet checkpoints Swin released for mmsegmentation: `backbone.` + the
-official Focal Transformer names + `backbone.norm{i}`; `decode_head.` (`conv_seg`,
+Keys as in the UPerNet checkpoints Swin and FocalNet released for mmsegmentation:
+`backbone.` + the official Focal Transformer or FocalNet names + `backbone.norm{i}`; `decode_head.` (`conv_seg`,
 `psp_modules.{i}.1.{conv,bn}`, `bottleneck`, `lateral_convs.{i}`, `fpn_convs.{i}`,
 `fpn_bottleneck`); `auxiliary_head.` (`conv_seg`, `convs.0`). Batch norms carry
 `weight`, `bias`, `running_mean`, `running_var` and `num_batches_tracked` (int64). Paths
@@ -15,8 +15,10 @@ from typing import Iterator
 
 import numpy as np
 
+from focal_jax.convert import focalnet_names
 from focal_jax.convert.names import Entry, Path, _conv, _norm, official_entries
 from focal_jax.models.conv_bn import ConvModule
+from focal_jax.models.focalnet import FocalNet
 from focal_jax.models.segmenter import Segmenter
 from focal_jax.models.upernet import FCNHead, UPerHead
 
@@ -78,9 +80,12 @@ def auxiliary_head_entries(head: FCNHead) -> Iterator[Entry]:
 
 def segmentation_entries(segmenter: Segmenter) -> list[Entry]:
   """Every mmsegmentation state_dict entry of `segmenter`, in mmsegmentation's order."""
+  backbone = segmenter.backbone
+  backbone_entries = (focalnet_names.official_entries(backbone) if isinstance(backbone, FocalNet)
+                      else official_entries(backbone))
   entries = [dataclasses.replace(e, key=f"backbone.{e.key}",
                                  path=None if e.path is None else ("backbone", *e.path))
-             for e in official_entries(segmenter.backbone)]
+             for e in backbone_entries]
   for i in segmenter.backbone.out_indices:
     entries.extend(_norm(f"backbone.norm{i}", ("backbone", f"norm{i}")))
   entries.extend(decode_head_entries(segmenter.decode_head))

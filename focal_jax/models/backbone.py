@@ -84,9 +84,18 @@ class FocalBackbone(FocalTransformer):
 
     return trainable
 
+  def _prepare_input(self, images: jnp.ndarray) -> jnp.ndarray:
+    """Checks the images (a family whose backbone pads inside overrides this)."""
+    self._check_input(images)
+    return images
+
+  def _downsample(self, layer: nnx.Module, x: jnp.ndarray) -> jnp.ndarray:
+    """The stage's downsampling of its map [B, H, W, C] -> [B, H/2, W/2, 2C]."""
+    return layer.downsample(x)
+
   def __call__(self, images: jnp.ndarray) -> list[jnp.ndarray]:
     """Normalised stage maps of `out_indices`; H and W as `forward_features` accepts them."""
-    self._check_input(images)
+    images = self._prepare_input(images)
     x = self.patch_embed(images.astype(self.config.dtype))  # [B, H/4, W/4, C]
     if self.frozen_stages >= 0:
       x = jax.lax.stop_gradient(x)
@@ -104,6 +113,6 @@ class FocalBackbone(FocalTransformer):
       if i in self.out_indices:
         outputs.append(getattr(self, f"norm{i}")(x))
       if layer.downsample is not None:
-        x = layer.downsample(x)
+        x = self._downsample(layer, x)
         x = jax.lax.stop_gradient(x) if frozen else x
     return outputs

@@ -1,11 +1,12 @@
-"""UPerNet semantic segmentation with a Focal Transformer backbone (mmsegmentation's
-`EncoderDecoder` with the `upernet_swin` heads).
+"""UPerNet semantic segmentation with a Focal Transformer or FocalNet backbone
+(mmsegmentation's `EncoderDecoder` with the `upernet_swin` / `upernet_focalnet` heads).
 
 `seg(images)` gives the decode head's logits at stride 4; `seg.forward_train(images)` also
 gives the auxiliary head's (stride 16) for the training loss, which belongs to the task.
 Images of any height and width: they are zero-padded at the bottom and right to what the
 backbone needs (multiples of 32 for the Focal Transformer; for Focal-fast, whole windows in
-every stage, e.g. multiples of 224 with window 7) and the logits are cropped back to
+every stage, e.g. multiples of 224 with window 7; for FocalNet, multiples of 4, its backbone
+padding each stage inside as officially) and the logits are cropped back to
 ceil(H/4) x ceil(W/4), as mmsegmentation's backbones pad inside and `whole` inference keeps
 the unpadded part. Train and evaluate with `seg.train()` / `seg.eval()` (dropout, drop path,
 batch or running BatchNorm statistics).
@@ -21,6 +22,9 @@ from flax import nnx
 
 from focal_jax.models.backbone import FocalBackbone, Path
 from focal_jax.models.config import FocalConfig, make_config
+from focal_jax.models.focalnet.backbone import FocalNetBackbone
+from focal_jax.models.focalnet.config import (VARIANTS as FOCALNET_VARIANTS, FocalNetConfig,
+                                              make_focalnet_segmentation_config)
 from focal_jax.models.upernet import AUXILIARY_CHANNELS, DECODE_CHANNELS, FCNHead, UPerHead
 
 AUXILIARY_STAGE = 2  # mmsegmentation's FCNHead in_index: stage 3 (stride 16)
@@ -34,14 +38,16 @@ class Segmenter(nnx.Module):
   """Backbone (`backbone.`), UPerHead (`decode_head.`), FCNHead (`auxiliary_head.`), named
   as in mmsegmentation's checkpoints."""
 
-  def __init__(self, config: FocalConfig, num_classes: int, *, frozen_stages: int = -1,
-               auxiliary_head: bool = True, decode_channels: int = DECODE_CHANNELS,
+  def __init__(self, config: FocalConfig | FocalNetConfig, num_classes: int, *,
+               frozen_stages: int = -1, auxiliary_head: bool = True,
+               decode_channels: int = DECODE_CHANNELS,
                auxiliary_channels: int = AUXILIARY_CHANNELS, rngs: nnx.Rngs):
     if num_classes < 1:
       raise ValueError(f"num_classes={num_classes}: a segmenter needs at least one class.")
     self.num_classes = num_classes
-    self.backbone = FocalBackbone(config, out_indices=tuple(range(config.num_layers)),
-                                  frozen_stages=frozen_stages, rngs=rngs)
+    backbone = FocalNetBackbone if isinstance(config, FocalNetConfig) else FocalBackbone
+    self.backbone = backbone(config, out_indices=tuple(range(config.num_layers)),
+                             frozen_stages=frozen_stages, rngs=rngs)
     widths = [config.stage_dim(i) for i in range(config.num_layers)]
     self.decode_head = UPerHead(widths, num_classes, channels=decode_channels,
                                 dtype=config.dtype, rngs=rngs)
@@ -50,13 +56,15 @@ class Segmenter(nnx.Module):
                            if auxiliary_head else None)
 
   @property
-  def config(self) -> FocalConfig:
+  def config(self) -> FocalConfig | FocalNetConfig:
     return self.backbone.config
 
   @property
   def size_multiple(self) -> int:
     """Input height and width are padded up to multiples of this."""
     config = self.config
+    if isinstance(config, FocalNetConfig):
+      return config.patch_size  # the FocalNet backbone pads each stage inside
     if config.version == 1:
       return config.size_multiple
     windows = [layer.blocks[0].window_size for layer in self.backbone.layers]
@@ -98,11 +106,15 @@ class Segmenter(nnx.Module):
 
 
 def segmenter_config(backbone: str | None, img_size: Any = 512, **backbone_options: Any
-                     ) -> FocalConfig:
-  """The backbone's FocalConfig: variant `backbone` with official-name options, no classifier."""
+                     ) -> FocalConfig | FocalNetConfig:
+  """The backbone's config: variant `backbone` with official-name options, no classifier
+  (FocalNet names start from the options of their released ADE20K UPerNet configs)."""
   if backbone_options.pop("num_classes", 0):
     raise ValueError("num_classes belongs to the segmenter (create_segmenter's argument), not "
                      "to the backbone options.")
+  if backbone in FOCALNET_VARIANTS:
+    return make_focalnet_segmentation_config(backbone, num_classes=0, img_size=img_size,
+                                             **backbone_options)
   return make_config(backbone, num_classes=0, img_size=img_size, **backbone_options)
 
 
@@ -111,12 +123,13 @@ def create_segmenter(backbone: str | None = "focal_tiny", num_classes: int = 150
                      decode_channels: int = DECODE_CHANNELS,
                      auxiliary_channels: int = AUXILIARY_CHANNELS, seed: int = 0,
                      **backbone_options: Any) -> Segmenter:
-  """UPerNet with the Focal variant `backbone` (official-name `backbone_options`, e.g.
-  drop_path_rate=0.3), built for crops of `img_size` (it decides the window of each stage as
-  the official constructor does; other sizes still run). Heads are initialised as
-  mmsegmentation's; the backbone as the classification model's. `decode_channels` /
-  `auxiliary_channels`: the heads' widths (512 / 256 as mmsegmentation's UPerNet; smaller
-  for quick experiments)."""
+  """UPerNet with the Focal or FocalNet variant `backbone` (official-name `backbone_options`,
+  e.g. drop_path_rate=0.3), built for crops of `img_size` (it decides the window of each
+  Focal stage as the official constructor does; other sizes still run). FocalNet
+  backbones take the options of FocalNet's released ADE20K configs (focal_windows 9, drop
+  path 0.3) unless overridden. Heads are initialised as mmsegmentation's; the backbone as
+  the classification model's. `decode_channels` / `auxiliary_channels`: the heads' widths
+  (512 / 256 as mmsegmentation's UPerNet; smaller for quick experiments)."""
   config = segmenter_config(backbone, img_size, **backbone_options)
   with nnx.use_eager_sharding(False):
     return Segmenter(config, num_classes, frozen_stages=frozen_stages,

@@ -16,6 +16,8 @@ from typing import Any, Sequence
 
 from focal_jax.models.config import to_pair
 from focal_jax.models.flops import stage_macs
+from focal_jax.models.focalnet import FocalNet
+from focal_jax.models.focalnet import flops as focalnet_flops
 from focal_jax.models.segmenter import Segmenter
 from focal_jax.models.upernet import UPerHead
 
@@ -55,6 +57,8 @@ def backbone_hook_macs(segmenter: Segmenter, size: tuple[int, int]) -> int:
   """mmcv's hooks on the backbone: Linear (in*out per token), conv, LayerNorm (2 per
   element), the "fc" pooling Linear; attention products and GELU uncounted."""
   config, backbone = segmenter.config, segmenter.backbone
+  if isinstance(backbone, FocalNet):
+    return int(focalnet_flops.mmcv_hook_macs(backbone, size)) + _output_norm_macs(config, size)
   height, width = config.stage_resolution(0, size)
   kernel = backbone.patch_embed.kernel_size
   macs = height * width * config.embed_dim * (config.in_chans * kernel * kernel + 1)
@@ -83,6 +87,13 @@ def backbone_hook_macs(segmenter: Segmenter, size: tuple[int, int]) -> int:
   return macs
 
 
+def _output_norm_macs(config: Any, size: tuple[int, int]) -> int:
+  """The `norm{i}` LayerNorms on the stage maps: 2 per element."""
+  return sum(2 * h * w * config.stage_dim(i)
+             for i, (h, w) in enumerate(config.stage_resolution(i, size)
+                                        for i in range(config.num_layers)))
+
+
 def segmenter_macs(segmenter: Segmenter, img_size: Any = (2048, 512),
                    backbone: str = "hooks", auxiliary: bool = False) -> dict[str, float]:
   """{'backbone', 'decode_head', 'auxiliary_head', 'total'} MACs for one image of `img_size`
@@ -93,6 +104,9 @@ def segmenter_macs(segmenter: Segmenter, img_size: Any = (2048, 512),
   grids = [config.stage_resolution(i, size) for i in range(config.num_layers)]
   if backbone == "hooks":
     backbone_macs = float(backbone_hook_macs(segmenter, size))
+  elif backbone == "official" and isinstance(segmenter.backbone, FocalNet):
+    backbone_macs = (focalnet_flops.official_trunk_macs(segmenter.backbone, size)
+                     + _output_norm_macs(config, size))
   elif backbone == "official":
     height, width = grids[0]
     kernel = segmenter.backbone.patch_embed.kernel_size

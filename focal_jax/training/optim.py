@@ -6,12 +6,14 @@ parameter EMA.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
+from focal_jax.models import FOCALNET_VARIANTS
 
 # The official model's `no_weight_decay()` and `no_weight_decay_keywords()`. Focal-fast
 # keeps the same skip list and an empty keyword list; none of its parameter names holds these
@@ -20,6 +22,29 @@ import optax
 NO_DECAY_NAMES = frozenset({"absolute_pos_embed"})
 NO_DECAY_KEYWORDS = ("relative_position_bias_table", "relative_position_bias_table_to_neighbors",
                      "relative_position_bias_table_to_windows")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecayRule:
+  """A family's `no_weight_decay()` names and `no_weight_decay_keywords()`: the official
+  `set_weight_decay` exempts these besides every 1-D tensor and bias."""
+
+  names: frozenset[str]
+  keywords: tuple[str, ...]
+
+
+# Per model family. FocalNet's `classification/focalnet.py` returns {''} from both; the
+# empty keyword is in every name, so its `set_weight_decay` exempts every parameter and the
+# released recipe trains without weight decay, whatever TRAIN.WEIGHT_DECAY says.
+DECAY_RULES: dict[str, DecayRule] = {
+    "focal": DecayRule(NO_DECAY_NAMES, NO_DECAY_KEYWORDS),
+    "focalnet": DecayRule(frozenset({""}), ("",)),
+}
+
+
+def model_family(name: str | None) -> str:
+  """'focalnet' for the FocalNet variants, 'focal' for the Focal Transformer (v1, fast)."""
+  return "focalnet" if name in FOCALNET_VARIANTS else "focal"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,17 +122,25 @@ def _path_name(path: tuple[Any, ...]) -> str:
   return ".".join(parts)
 
 
-def decays(name: str, shape: tuple[int, ...]) -> bool:
-  """The official rule: no decay for 1-D tensors, biases, the skip list and keyword matches."""
-  if len(shape) == 1 or name.endswith(".bias") or name in NO_DECAY_NAMES:
+def decays(name: str, shape: tuple[int, ...], family: str = "focal") -> bool:
+  """The official rule: no decay for 1-D tensors, biases, the family's skip list and
+  keyword matches."""
+  rule = DECAY_RULES[family]
+  if len(shape) == 1 or name.endswith(".bias") or name in rule.names:
     return False
-  return not any(keyword in name for keyword in NO_DECAY_KEYWORDS)
+  return not any(keyword in name for keyword in rule.keywords)
 
 
-def weight_decay_mask(params: Any) -> Any:
+def weight_decay_mask(params: Any, family: str = "focal") -> Any:
   """A tree of bools like `params` (pure dict of arrays): True where weight decay applies."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, leaf: decays(_path_name(path), tuple(leaf.shape)), params)
+      lambda path, leaf: decays(_path_name(path), tuple(leaf.shape), family), params)
+
+
+def weight_decay_mask_for(model_name: str | None) -> Callable[[Any], Any]:
+  """params -> bools: the official rule of `model_name`'s family."""
+  family = model_family(model_name)
+  return lambda params: weight_decay_mask(params, family)
 
 
 def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule,
@@ -147,6 +180,7 @@ def schedule_fn(config: ml_collections.ConfigDict, steps_per_epoch: int, total_s
 
 
 __all__ = [
-    "LearningRates", "NO_DECAY_KEYWORDS", "NO_DECAY_NAMES", "decays", "ema_update",
+    "DECAY_RULES", "DecayRule", "LearningRates", "NO_DECAY_KEYWORDS", "NO_DECAY_NAMES", "decays",
+    "model_family", "weight_decay_mask_for", "ema_update",
     "lr_schedule", "make_optimizer", "poly_schedule", "scaled_learning_rates", "schedule_fn",
     "weight_decay_mask"]

@@ -1,4 +1,5 @@
-"""PyTorch reference of UPerNet with a Focal Transformer backbone, in mmsegmentation's layout.
+"""PyTorch reference of UPerNet with a Focal Transformer or FocalNet backbone, in
+mmsegmentation's layout.
 
 A from-scratch re-implementation of what mmsegmentation's `EncoderDecoder` computes with
 the `upernet_swin` heads (UPerHead over stages 1-4, FCNHead on stage 3), with its module
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from focal_jax.convert.reference import focal as focal_reference
+from focal_jax.convert.reference import focalnet as focalnet_reference
 
 
 class ConvModule(nn.Module):
@@ -100,16 +102,48 @@ class FocalBackbone(focal_reference.FocalTransformer):
         return [getattr(self, f"norm{i}")(s).permute(0, 3, 1, 2) for i, s in enumerate(stages)]
 
 
+class FocalNetBackbone(focalnet_reference.FocalNet):
+    """The reference FocalNet as microsoft/FocalNet's segmentation backbone computes it: no
+    classifier or final norm, `norm{i}` on each stage map; the image padded at the bottom
+    and right to a multiple of the patch size and each odd stage map to even before its
+    downsampling (zeros); NCHW outputs."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**{**kwargs, "num_classes": 0})
+        del self.norm, self.avgpool, self.head
+        self.patch_size = kwargs.get("patch_size", 4)
+        for i in range(len(self.layers)):
+            self.add_module(f"norm{i}", nn.LayerNorm(self.num_features // 2**(len(self.layers) - 1 - i)))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = F.pad(x, (0, -x.shape[3] % self.patch_size, 0, -x.shape[2] % self.patch_size))
+        x, height, width = self.patch_embed(x)
+        x = self.pos_drop(x)
+        outputs = []
+        for i, layer in enumerate(self.layers):
+            for block in layer.blocks:
+                block.H, block.W = height, width
+                x = block(x)
+            y = getattr(self, f"norm{i}")(x)  # [B, H*W, C]
+            outputs.append(y.transpose(1, 2).reshape(y.shape[0], -1, height, width))
+            if layer.downsample is not None:
+                x = x.transpose(1, 2).reshape(x.shape[0], -1, height, width)
+                x, height, width = layer.downsample(F.pad(x, (0, width % 2, 0, height % 2)))
+        return outputs
+
+
 class Segmenter(nn.Module):
     """mmsegmentation's EncoderDecoder: backbone, decode_head, auxiliary_head. `forward`
     returns the decode logits [B, K, ceil(H/4), ceil(W/4)] for NCHW images of any size
     (zero-padded at the bottom and right to multiples of `size_multiple`, logits cropped)."""
 
-    def __init__(self, num_classes: int, size_multiple: int = 32, **backbone_kwargs):
+    def __init__(self, num_classes: int, size_multiple: int = 32,
+                 backbone_class: type[nn.Module] = FocalBackbone, **backbone_kwargs):
         super().__init__()
         self.size_multiple = size_multiple
-        self.backbone = FocalBackbone(**backbone_kwargs)
-        widths = [self.backbone.embed_dim * 2**i for i in range(self.backbone.num_layers)]
+        self.backbone = backbone_class(**backbone_kwargs)
+        depths = backbone_kwargs.get("depths", (2, 2, 6, 2))
+        widths = [backbone_kwargs.get("embed_dim", 96) * 2**i for i in range(len(depths))]
         self.decode_head = UPerHead(widths, num_classes)
         self.auxiliary_head = FCNHead(widths[2], num_classes)
 
@@ -160,8 +194,13 @@ def randomise_(model: nn.Module, seed: int = 0) -> None:
 
 
 def reference_segmenter(config, num_classes: int) -> Segmenter:
-    """The reference of `focal_jax.create_segmenter` for a (version-1) `FocalConfig`."""
-    if getattr(config, "version", 1) != 1:
-        raise ValueError("The UPerNet reference covers the Focal Transformer (version 1).")
+    """The reference of `focal_jax.create_segmenter` for a (version-1) `FocalConfig` or a
+    `FocalNetConfig`."""
     backbone_kwargs = {k: v for k, v in config.official_kwargs().items() if k != "num_classes"}
+    if "normalize_modulator" in backbone_kwargs:  # FocalNet: pads inside, from the patch size
+        return Segmenter(num_classes, size_multiple=config.patch_size,
+                         backbone_class=FocalNetBackbone, **backbone_kwargs)
+    if getattr(config, "version", 1) != 1:
+        raise ValueError("The UPerNet reference covers the Focal Transformer (version 1) and "
+                         "FocalNet.")
     return Segmenter(num_classes, size_multiple=config.size_multiple, **backbone_kwargs)

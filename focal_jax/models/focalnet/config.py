@@ -159,3 +159,37 @@ def validate(config: FocalNetConfig) -> None:
   if min(config.depths, default=0) < 0 or not config.depths:
     raise ValueError(f"depths={list(config.depths)}; expected one or more non-negative entries.")
   check_image_size(config, config.img_size)
+
+
+# The backbone options of microsoft/FocalNet's released ADE20K UPerNet configs
+# (`segmentation/configs/focalnet/upernet_focalnet_{tiny,small,base}_patch4_512x512_160k_
+# ade20k_{srf,lrf}.py`): focal kernels from 9 (levels 9, 11 [, 13]) in every stage and drop
+# path 0.3, on top of the variant's depths, width and focal levels.
+SEGMENTATION_OPTIONS: dict[str, Any] = {"focal_windows": (9, 9, 9, 9), "drop_path_rate": 0.3}
+SEGMENTATION_VARIANTS = tuple(f"focalnet_{size}_{field}" for size in ("tiny", "small", "base")
+                              for field in ("srf", "lrf"))
+# Options the official segmentation backbone (`segmentation/mmseg/models/backbones/
+# focalnet.py`) does not have, or builds differently (its convolutional stem pads by 3).
+_NOT_IN_SEGMENTATION_BACKBONE = ("use_conv_embed", "use_postln", "use_postln_in_modulation",
+                                 "normalize_modulator")
+
+
+def make_focalnet_segmentation_config(name: str | None, **overrides: Any) -> FocalNetConfig:
+  """The backbone config of a FocalNet UPerNet: the released segmentation options for the
+  six T/S/B SRF/LRF names (overridable), no classifier; checked against what the official
+  segmentation backbone can build."""
+  if name is not None and name not in SEGMENTATION_VARIANTS:
+    raise ValueError(
+        f"FocalNet {name!r} has no segmentation backbone: microsoft/FocalNet's segmentation "
+        f"code builds four-stage models without post-norm or convolutional stem; expected one "
+        f"of {', '.join(SEGMENTATION_VARIANTS)} (or name=None with explicit options).")
+  defaults = dict(SEGMENTATION_OPTIONS) if name is not None else {}
+  config = make_focalnet_config(name, **{**defaults, **overrides})
+  unsupported = [option for option in _NOT_IN_SEGMENTATION_BACKBONE if getattr(config, option)]
+  if unsupported or config.num_layers != 4:
+    raise ValueError(
+        f"FocalNet segmentation backbone: {', '.join(unsupported) or 'depths'}="
+        f"{[getattr(config, o) for o in unsupported] or list(config.depths)} is not what the "
+        "official segmentation FocalNet builds (four stages; no use_conv_embed, use_postln, "
+        "use_postln_in_modulation or normalize_modulator).")
+  return config

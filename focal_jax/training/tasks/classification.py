@@ -126,9 +126,8 @@ def train_hooks(config: ml_collections.ConfigDict, spec: ts.ModelSpec, mesh: Mes
 
 
 def decay_mask(spec: ts.ModelSpec) -> Callable[[Any], Any]:
-  """The official rule (optim.weight_decay_mask)."""
-  del spec
-  return optim.weight_decay_mask
+  """The official rule of the model's family (optim.DECAY_RULES)."""
+  return optim.weight_decay_mask_for(spec.name)
 
 
 def pretrained_params(spec: ts.ModelSpec, params_shardings: Any, source: str,

@@ -196,13 +196,31 @@ def decay_mask(spec: ts.ModelSpec) -> Callable[[Any], Any]:
   return mask
 
 
+def fit_focal_kernel(kernel: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  """A FocalNet classifier's depthwise kernel [k, k, 1, C] for the segmentation backbone's
+  [K, K, 1, C] (released configs: K = 9 + 2l where ImageNet had 3 + 2l), as microsoft/
+  FocalNet's segmentation `load_checkpoint` fits it: zero-padded around when K > k, its
+  centre cut out when K < k. Other shapes pass unchanged (the caller's shape check)."""
+  if kernel.ndim != 4 or len(shape) != 4 or kernel.shape[2:] != shape[2:]:
+    return kernel
+  have, want = kernel.shape[0], shape[0]
+  if kernel.shape[1] != have or shape[1] != want or (want - have) % 2:
+    return kernel
+  if have < want:
+    pad = (want - have) // 2
+    return np.pad(kernel, ((pad, pad), (pad, pad), (0, 0), (0, 0)))
+  cut = (have - want) // 2
+  return kernel[cut:have - cut, cut:have - cut]
+
+
 def pretrained_params(spec: ts.ModelSpec, params_shardings: Any, source: str,
                       exclude: tuple[str, ...] = (),
                       read_checkpoint: ts.CheckpointReader = ts.read_export_only) -> Any:
   """A fresh segmenter whose backbone takes `source`'s parameters (an ImageNet
   classification export, .pth or .safetensors of the same variant and options): each
   `backbone.X` from the classifier's `X` where the shapes agree, unless a pattern of
-  `exclude` matches `backbone.X`. The heads and the per-stage norms keep their init.
+  `exclude` matches `backbone.X` (FocalNet's focal kernels fitted by `fit_focal_kernel`, as
+  officially). The heads and the per-stage norms keep their init.
   `read_checkpoint(source, abstract classifier)` reads it (exports only by default)."""
   options = {k: v for k, v in spec.overrides.items() if k not in SEGMENTER_OPTIONS}
   classifier = nnx.eval_shape(lambda: models.create_model(
@@ -215,6 +233,8 @@ def pretrained_params(spec: ts.ModelSpec, params_shardings: Any, source: str,
   def place(path, leaf):
     name = pretrained.param_name(path)
     value = loaded.get(name.removeprefix("backbone.")) if name.startswith("backbone.") else None
+    if value is not None and ".focal_layers." in name:
+      value = fit_focal_kernel(np.asarray(value), tuple(leaf.shape))
     if (value is None or tuple(value.shape) != tuple(leaf.shape)
         or any(p.search(name) for p in patterns)):
       if name.startswith("backbone."):
