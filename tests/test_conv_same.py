@@ -71,3 +71,15 @@ def test_conv_module_routes_through_conv2d_same(monkeypatch):
   x = jax.random.normal(jax.random.key(2), (2, 7, 11, 5))
   y = module(x)
   assert calls and y.shape == (2, 7, 11, 6)
+
+
+def test_bfloat16_gradients_keep_dtype_and_match_float32():
+  x, kernel, cotangent = _inputs((3, 3), seed=3)
+  low = [a.astype(jnp.bfloat16) for a in (x, kernel, cotangent)]
+  dx, dkernel = _grads(conv_same.conv2d_same, *low)
+  assert dx.dtype == jnp.bfloat16 and dkernel.dtype == jnp.bfloat16
+  dx_ref, dkernel_ref = _grads(_xla_conv, *(a.astype(jnp.float32) for a in low))
+  scale = float(jnp.abs(dkernel_ref).max())
+  np.testing.assert_allclose(dkernel.astype(jnp.float32), dkernel_ref, atol=2e-2 * scale)
+  np.testing.assert_allclose(dx.astype(jnp.float32), dx_ref,
+                             atol=2e-2 * float(jnp.abs(dx_ref).max()))

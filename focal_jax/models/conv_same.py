@@ -58,21 +58,18 @@ def _kernel_grad_xla(x: jnp.ndarray, dy: jnp.ndarray, kernel: jnp.ndarray) -> jn
 
 
 def _kernel_grad_per_tap(x: jnp.ndarray, dy: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
-  """One [C_out, N] @ [N, C_in] product per tap, N = B * H * W, with dy transposed once
-  (pinned by a barrier so XLA keeps the plain row-major product it runs fast)."""
+  """One [N, C_in]^T @ [N, C_out] product per tap, N = B * H * W."""
   kh, kw, c_in, c_out = kernel.shape
-  batch, height, width, _ = x.shape
-  pad_h, pad_w = kernel.shape[0] // 2, kernel.shape[1] // 2
-  x_padded = jnp.pad(x, [(0, 0), (pad_h, pad_h), (pad_w, pad_w), (0, 0)])
-  barrier = jax.lax.optimization_barrier
-  dy_t = barrier(dy.reshape(-1, c_out).T)  # [C_out, N]
+  _, height, width, _ = x.shape
+  x_padded = jnp.pad(x, [(0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)])
+  dy_rows = dy.reshape(-1, c_out)  # [N, C_out]
   taps = []
   for i in range(kh):
     for j in range(kw):
       window = x_padded[:, i:i + height, j:j + width, :].reshape(-1, c_in)  # [N, C_in]
-      taps.append(jnp.matmul(dy_t, window, preferred_element_type=jnp.float32))  # [C_out, C_in]
-  dkernel = jnp.stack(taps).reshape(kh, kw, c_out, c_in)
-  return jnp.swapaxes(dkernel, -1, -2).astype(kernel.dtype)  # [kh, kw, C_in, C_out]
+      taps.append(jnp.einsum("nc,nd->cd", window, dy_rows,
+                             preferred_element_type=jnp.float32))  # [C_in, C_out]
+  return jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
 
 
 def conv_general_dilated_same(x: jnp.ndarray, kernel: jnp.ndarray,
