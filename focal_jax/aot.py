@@ -298,6 +298,14 @@ def roofline(result: dict[str, Any], target: Target) -> dict[str, Any]:
                                       if known else None)}
 
 
+def default_num_classes(config: ml_collections.ConfigDict) -> int:
+  """Classes when --num-classes is not given: as many as the config's per-class loss
+  weights, else ImageNet-1K's or ADE20K's."""
+  task = config.get("task", "classification")
+  weights = config.segmentation.get("class_weight", ()) if "segmentation" in config else ()
+  return len(weights) if task == "segmentation" and weights else DEFAULT_CLASSES.get(task, 1000)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
   devices, target = topology_devices(args.topology)
   chips = len(devices)
@@ -309,7 +317,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   else:
     batch_per_chip = args.batch_per_chip
   base = load_config(args.config)
-  num_classes = args.num_classes or DEFAULT_CLASSES.get(base.get("task", "classification"), 1000)
+  num_classes = args.num_classes or default_num_classes(base)
 
   def measure(batch: int) -> dict[str, Any]:
     config = step_config(base, args, chips, batch)
@@ -419,7 +427,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--config", help="a training config (configs/*.py); default: the official "
                  "Focal-T recipe (focal_jax.training.default_config)")
   p.add_argument("--num-classes", type=int,
-                 help="default: 1000 (classification), 150 (segmentation)")
+                 help="default: 1000 (classification), 150 (segmentation; or as many as "
+                      "segmentation.class_weight holds)")
   p.add_argument("--max-batch", action="store_true",
                  help="also report the largest batch per chip that fits")
   p.add_argument("--json", action="store_true", help="print the report as one JSON line last")

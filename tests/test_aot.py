@@ -257,3 +257,15 @@ def test_vit_reference_is_vit_s16():
   params = sum(math.prod(x.shape) for x in jax.tree.leaves(spec.abstract_params))
   assert params == 22_050_664  # ViT-S/16 (DeiT-S): 22.05 M
   assert vit_reference.official_macs() == pytest.approx(4.6e9, rel=0.01)
+
+
+def test_segmentation_step_compiles_gather_free_with_its_heads_grouped():
+  """The README's segmentation plan on the demo config (its 11 classes taken from the
+  config's class weights): fits, no gather or scatter, UPerNet's heads in their own group."""
+  report = json.loads(run_main(["--config", os.path.join(ROOT, "configs", "demo_seg.py"),
+                                "--topology", "v5e:2x2", "--batch-per-chip", "2",
+                                "--json"]).strip().splitlines()[-1])
+  assert report["fits"] and report["gather"] == 0 and report["scatter"] == 0
+  assert report["global_batch"] == 8 and report["img_size"] == 64
+  head = report["bytes_by_group"]["decode_head"]
+  assert head["flops"] > 0.1 * report["flops_per_chip"] and head["kernels"] > 0
