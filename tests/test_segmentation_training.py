@@ -224,3 +224,28 @@ def _flat(tree) -> dict[str, np.ndarray]:
   """{'a.0.b': array}: exports read back with string keys where the model has integers."""
   return {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path):
           np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@pytest.mark.parametrize("config_name,model_name,params", [
+    ("upernet_focal_tiny_ade20k", None, 60_844_352),
+    ("upernet_focal_small_ade20k", None, 83_105_912),
+    ("upernet_focal_base_ade20k", None, 123_740_844),
+    ("upernet_focal_tiny_ade20k", "focalnet_tiny_srf", 60_822_512)])
+def test_ade20k_configs_build_the_recipe_and_the_readme_models(config_name, model_name, params):
+  """The README's ADE20K commands: each config passes validation and builds (abstractly) the
+  UPerNet of the parameter table, with the recipe's optimiser and schedule settings; the
+  FocalNet backbones train from the same config with model.name replaced."""
+  from focal_jax.training.config import validate_config
+  from focal_jax.training.tasks import get_task
+
+  config = load_config_file(os.path.join(ROOT, "configs", f"{config_name}.py"))
+  if model_name:
+    config.model.name = model_name
+  validate_config(config)
+  assert (config.task, config.dataset, config.image_size) == ("segmentation", "ade20k", 512)
+  assert (config.base_lr, config.weight_decay, config.lr_schedule) == (6e-5, 0.01, "poly")
+  assert (config.batch_size, config.num_train_steps, config.warmup_steps) == (16, 160_000, 1500)
+  assert config.model.overrides.drop_path_rate == 0.3 and config.mixup.prob == 0.0
+  spec = get_task(config).model_spec(config, 150)
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(spec.abstract_params))
+  assert count == params
