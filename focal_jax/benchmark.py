@@ -49,7 +49,7 @@ import sys
 import time
 from typing import Any
 
-from focal_jax.benchmark_timing import environment, num_cores, wait_for_quiet
+from focal_jax.benchmark_timing import environment, num_cores, train_step_call, wait_for_quiet
 from focal_jax.benchmark_timing import fmt as _fmt
 from focal_jax.benchmark_timing import peak_rss_mb as _peak_rss_mb
 from focal_jax.benchmark_timing import rss_mb as _rss_mb
@@ -126,9 +126,7 @@ def run_jax(args: argparse.Namespace) -> Result:
   from flax import nnx
 
   import focal_jax
-  from focal_jax.training import sharding
   from focal_jax.training import train_state as ts
-  from focal_jax.training.train_step import step_setup
 
   base_rss = _rss_mb()
   compiles = []
@@ -149,27 +147,15 @@ def run_jax(args: argparse.Namespace) -> Result:
     forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
     inputs = (state, jnp.asarray(images))
     call = lambda: forward(*inputs).block_until_ready()
-    jitted = forward
+    lower = lambda: forward.lower(*inputs)
   else:
     config = train_config(args)
-    mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
     spec = ts.model_spec_from_config(config, args.num_classes)
-    # The step counts set only the schedule's constants (a run of num_epochs one-step epochs).
-    setup = step_setup(config, spec, mesh, steps_per_epoch=1, total_steps=int(config.num_epochs))
-    jitted = setup.train_step(config, spec, mesh)
-    placed = sharding.batch_sharding(mesh)
-    batch = {"image": jax.device_put(images, placed), "label": jax.device_put(labels, placed)}
-    rest = ts.init_rest(spec, mesh)
-    holder = {"state": ts.create_train_state(spec, setup.tx, setup.shardings, mesh, config.seed)}
-
-    def call():
-      holder["state"], metrics = jitted(holder["state"], batch, rest)
-      metrics["loss"].block_until_ready()
-
-    inputs = (holder["state"], batch, rest)
+    # A run of num_epochs one-step epochs.
+    call, lower = train_step_call(config, spec, images, labels, int(config.num_epochs))
 
   start = time.perf_counter()
-  compiled = jitted.lower(*inputs).compile()
+  compiled = lower().compile()
   compile_s = time.perf_counter() - start
   compile_peak_mb = _peak_rss_mb()  # the compiler's own high-water mark
   memory = compiled.memory_analysis()

@@ -116,3 +116,29 @@ def fmt(value: float | None, digits: int = 2) -> str:
   if value is None or value != value:  # None or NaN
     return "-"
   return f"{value:.{digits}f}"
+
+
+def train_step_call(config: Any, spec: Any, images: Any, labels: Any, total_steps: int
+                    ) -> tuple[Callable[[], None], Callable[[], Any]]:
+  """The run's own jitted train step on one device over a fixed batch, as the benchmarks
+  time it: (call: one step, state carried over and donated; lower: the step lowered)."""
+  import jax  # noqa: PLC0415  (JAX only in the worker that times it)
+
+  from focal_jax.training import sharding  # noqa: PLC0415
+  from focal_jax.training import train_state as ts  # noqa: PLC0415
+  from focal_jax.training.train_step import step_setup  # noqa: PLC0415
+
+  mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+  # The step counts set only the schedule's constants.
+  setup = step_setup(config, spec, mesh, steps_per_epoch=1, total_steps=total_steps)
+  step = setup.train_step(config, spec, mesh)
+  placed = sharding.batch_sharding(mesh)
+  batch = {"image": jax.device_put(images, placed), "label": jax.device_put(labels, placed)}
+  rest = ts.init_rest(spec, mesh)
+  holder = {"state": ts.create_train_state(spec, setup.tx, setup.shardings, mesh, config.seed)}
+
+  def call():
+    holder["state"], metrics = step(holder["state"], batch, rest)
+    metrics["loss"].block_until_ready()
+
+  return call, lambda: step.lower(holder["state"], batch, rest)

@@ -38,7 +38,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from focal_jax.benchmark_timing import (environment, fmt, num_cores, peak_rss_mb, rss_mb,
+from focal_jax.benchmark_timing import (environment, fmt, num_cores, peak_rss_mb, train_step_call, rss_mb,
                                         timed_calls, wait_for_quiet)
 
 NUM_CLASSES = 150  # ADE20K
@@ -138,10 +138,7 @@ def jax_call(args: argparse.Namespace) -> tuple[Callable[[], None], Callable[[],
   import numpy as np
   from flax import nnx
 
-  from focal_jax.training import sharding
-  from focal_jax.training import train_state as ts
   from focal_jax.training.tasks import segmentation
-  from focal_jax.training.train_step import step_setup
 
   rng = np.random.default_rng(0)
   images = rng.standard_normal((args.batch, args.img_size, args.img_size, 3)).astype(np.float32)
@@ -157,19 +154,8 @@ def jax_call(args: argparse.Namespace) -> tuple[Callable[[], None], Callable[[],
     inputs = (state, jnp.asarray(images))
     return (lambda: forward(*inputs).block_until_ready(),
             lambda: forward.lower(*inputs).compile())
-  mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
-  setup = step_setup(config, spec, mesh, steps_per_epoch=1, total_steps=config.num_train_steps)
-  step = setup.train_step(config, spec, mesh)
-  placed = sharding.batch_sharding(mesh)
-  batch = {"image": jax.device_put(images, placed), "label": jax.device_put(labels, placed)}
-  rest = ts.init_rest(spec, mesh)
-  holder = {"state": ts.create_train_state(spec, setup.tx, setup.shardings, mesh, config.seed)}
-
-  def call():
-    holder["state"], metrics = step(holder["state"], batch, rest)
-    metrics["loss"].block_until_ready()
-
-  return call, lambda: step.lower(holder["state"], batch, rest).compile()
+  call, lower = train_step_call(config, spec, images, labels, config.num_train_steps)
+  return call, lambda: lower().compile()
 
 
 # ----------------------------------------------------------------------- PyTorch
