@@ -492,3 +492,32 @@ def test_checkpointer_keeps_the_newest_steps(tmp_path, keep, kept):
   assert sorted(int(name) for name in os.listdir(directory) if name.isdigit()) == kept
   assert ckpt.read_meta(kept[0]) == {"data_step": kept[0]}
   ckpt.close()
+
+
+def test_checkpoint_written_before_batch_stats_existed_restores(tmp_path):
+  """A train state saved without the `batch_stats` field (focal_jax before the segmentation
+  task) restores into today's TrainState, batch_stats None, every array and optax state as
+  saved; a checkpoint that lacks a field this state fills is still refused."""
+  import optax  # noqa: PLC0415
+
+  params = {"w": jax.numpy.arange(3, dtype=jax.numpy.float32)}
+  tx = optax.adamw(1e-3)
+  opt_state = tx.update(params, tx.init(params), params)[1]
+  old = {"step": jax.numpy.int32(7), "params": params, "opt_state": opt_state,
+         "ema_params": None, "rng": jax.numpy.array([1, 2], jax.numpy.uint32)}
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+  ckpt.save(7, old, {"step": 7})
+  ckpt.wait()
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        ts.TrainState(**old))
+  assert target.batch_stats is None
+  state, meta = ckpt.restore(7, target)
+  assert isinstance(state, ts.TrainState) and state.batch_stats is None and meta == {"step": 7}
+  assert int(state.step) == 7 and np.array_equal(state.params["w"], params["w"])
+  assert jax.tree.structure(state.opt_state) == jax.tree.structure(opt_state)
+  assert np.array_equal(state.opt_state[0].mu["w"], opt_state[0].mu["w"])
+  with_stats = target.replace(batch_stats={"bn": {"mean": target.params["w"]}})
+  with pytest.raises(ValueError):
+    ckpt.restore(7, with_stats)
+  ckpt.close()

@@ -5,7 +5,8 @@ Training checkpoints: `<workdir>/checkpoints/<step>/{state, meta}` (the names ar
 TrainState (params, optimiser, EMA, step, RNG), `meta` a JSON with the data position and
 the model description. Saves are asynchronous (written to a temporary directory, renamed
 when complete); the last `keep` are kept. Restoring builds its targets on the current mesh,
-so a checkpoint restores onto any device count. A step that cannot be read is moved to
+so a checkpoint restores onto any device count; a state field that is empty (None) in this
+version and absent from an older checkpoint restores as None. A step that cannot be read is moved to
 `<workdir>/damaged_checkpoints/` (`set_aside`), never deleted.
 
 Parameter exports, and reading a checkpoint's parameters for inference or conversion,
@@ -14,6 +15,7 @@ live in `focal_jax.weights`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -56,8 +58,8 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def state_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
-    """{path: shape} of every array in the saved state, from its metadata (no array read)."""
+  def _state_tree(self, step: int) -> Any:
+    """The saved state's tree of array metadata (no array read)."""
     handler = ocp.StandardCheckpointHandler()
     try:
       meta = handler.metadata(epath.Path(self.directory) / str(step) / STATE_ITEM)
@@ -66,8 +68,26 @@ class Checkpointer:
     tree = getattr(meta, "tree", meta)
     if tree is None:
       raise ValueError(f"No array metadata in {self.directory}/{step}/{STATE_ITEM}.")
+    return tree
+
+  def state_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+    """{path: shape} of every array in the saved state, from its metadata (no array read)."""
     return {_path_name(path): tuple(leaf.shape)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+            for path, leaf in jax.tree_util.tree_leaves_with_path(self._state_tree(step))}
+
+  def _empty_fields_not_saved(self, step: int, target: Any) -> list[str]:
+    """The fields of a dataclass `target` that are None and that the checkpoint lacks (it was
+    written before they existed, e.g. `batch_stats`)."""
+    if not dataclasses.is_dataclass(target):
+      return []
+    empty = [f.name for f in dataclasses.fields(target) if getattr(target, f.name) is None]
+    if not empty:
+      return []
+    try:
+      saved = self._state_tree(step)
+    except Exception:  # noqa: BLE001  unreadable metadata: restoring tells if the step is damaged
+      return []
+    return [name for name in empty if isinstance(saved, dict) and name not in saved]
 
   def set_aside(self, step: int) -> str:
     """Moves step `step` (damaged) to `<workdir>/damaged_checkpoints/<step>[-n]`; returns
@@ -95,9 +115,17 @@ class Checkpointer:
 
   def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
     """Restores into `target` (ShapeDtypeStructs with shardings) -> (state, meta)."""
+    absent = self._empty_fields_not_saved(step, target)
+    item = target
+    if absent:  # an older checkpoint: restore the fields it has, the others stay None
+      item = {f.name: getattr(target, f.name) for f in dataclasses.fields(target)
+              if f.name not in absent}
     restored = self.manager.restore(step, args=ocp.args.Composite(
-        **{STATE_ITEM: ocp.args.StandardRestore(target), META_ITEM: ocp.args.JsonRestore()}))
-    return restored[STATE_ITEM], restored[META_ITEM]
+        **{STATE_ITEM: ocp.args.StandardRestore(item), META_ITEM: ocp.args.JsonRestore()}))
+    state = restored[STATE_ITEM]
+    if absent:
+      state = dataclasses.replace(target, **state)
+    return state, restored[META_ITEM]
 
   def read_meta(self, step: int) -> dict[str, Any]:
     return self.manager.restore(step, args=ocp.args.Composite(
