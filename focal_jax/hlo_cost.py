@@ -63,7 +63,11 @@ _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
 _NO_KERNEL = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while",
               "call", "conditional", "after-all", "partition-id", "replica-id", "opt-barrier",
               "add-dependency", "all-reduce-done", "all-gather-done", "collective-permute-done",
-              "copy-done", "async-done", "async-update", "send-done", "recv-done"}
+              "copy-done", "async-done", "async-update", "send-done", "recv-done",
+              "fusion-done"}
+# A fused kernel: `fusion`, or XLA:GPU's asynchronous form (`fusion-start` runs the fused
+# computation, e.g. a loop's dynamic slice; its `fusion-done` only waits).
+_FUSIONS = ("fusion", "fusion-start")
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _LAYOUT_ONLY = {"copy", "transpose", "bitcast", "reshape", "parameter", "copy-start",
                 "broadcast", "constant", "tuple", "get-tuple-element"}
@@ -244,7 +248,7 @@ class HloModule:
         flops += _elements(ins.shape)
       elif ins.opcode in ("reduce", "reduce-window") and ins.operands:
         flops += _elements(self.shapes.get(ins.operands[0], ""))
-      elif ins.opcode == "fusion" and depth < 8:
+      elif ins.opcode in _FUSIONS and depth < 8:
         flops += sum(self._flops(c, depth + 1) for c in self._called(ins))
     return flops
 
@@ -294,7 +298,7 @@ class HloModule:
     for ins in body:
       if ins.opcode in ("dot", "convolution") and ins.frame:
         return ins.frame
-      if ins.opcode == "fusion":
+      if ins.opcode in _FUSIONS:
         for called in self._called(ins):
           frame = self._main_frame(called)
           if frame and any(i.opcode in ("dot", "convolution")
@@ -310,7 +314,7 @@ class HloModule:
     if instruction.opcode in ("dot", "convolution"):
       return True
     return any(i.opcode in ("dot", "convolution") or
-               (i.opcode == "fusion" and self._has_product(self._called(i), i))
+               (i.opcode in _FUSIONS and self._has_product(self._called(i), i))
                for c in called for i in self.computations.get(c, []))
 
   def _layout_only(self, computation: str) -> bool:
@@ -318,7 +322,7 @@ class HloModule:
 
   def _operand_bytes(self, instruction: _Instruction) -> float:
     """Bytes a kernel reads: its operands, or only the slices a fusion takes of them."""
-    called = self._called(instruction) if instruction.opcode == "fusion" else []
+    called = self._called(instruction) if instruction.opcode in _FUSIONS else []
     body = self.computations.get(called[0], []) if called else []
     parameters = {}
     for ins in body:
@@ -363,11 +367,13 @@ class HloModule:
     return total
 
   def _output_bytes(self, instruction: _Instruction) -> float:
-    called = self._called(instruction) if instruction.opcode == "fusion" else []
+    called = self._called(instruction) if instruction.opcode in _FUSIONS else []
     body = self.computations.get(called[0], []) if called else []
     root = body[-1] if body else None
     if root is not None and root.opcode == "dynamic-update-slice" and len(root.operands) > 1:
       return array_bytes(self.shapes.get(root.operands[1], ""))
+    if root is not None and instruction.opcode == "fusion-start":
+      return array_bytes(root.shape)  # its shape is (operands, result, context): the result
     return array_bytes(instruction.shape)
 
   def _runs(self) -> dict[str, int]:
@@ -395,7 +401,7 @@ class HloModule:
         opcode = ins.opcode.removesuffix("-start")
         if ins.opcode in _NO_KERNEL:
           continue
-        called = self._called(ins) if ins.opcode == "fusion" else []
+        called = self._called(ins) if ins.opcode in _FUSIONS else []
         if opcode in _COLLECTIVES:
           group = "collectives"
         elif opcode in ("copy", "transpose") or (called and self._layout_only(called[0])):

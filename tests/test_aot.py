@@ -269,3 +269,47 @@ def test_segmentation_step_compiles_gather_free_with_its_heads_grouped():
   assert report["global_batch"] == 8 and report["img_size"] == 64
   head = report["bytes_by_group"]["decode_head"]
   assert head["flops"] > 0.1 * report["flops_per_chip"] and head["kernels"] > 0
+
+
+# A loop of 4 trips whose body slices one row of a stacked [4, 256] array with XLA:GPU's
+# asynchronous fusion (`fusion-start` runs it, `fusion-done` waits), as a scanned stage does.
+_ASYNC_SLICE_LOOP = """HloModule loop
+
+%fused_slice (p0: f32[4,256], p1: s32[]) -> f32[1,256] {
+  %p0 = f32[4,256]{1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %z = s32[] constant(0)
+  ROOT %ds = f32[1,256]{1,0} dynamic-slice(%p0, %p1, %z), dynamic_slice_sizes={1,256}
+}
+
+%body (t: (f32[4,256], s32[])) -> (f32[4,256], s32[]) {
+  %t = (f32[4,256]{1,0}, s32[]) parameter(0)
+  %w = f32[4,256]{1,0} get-tuple-element(%t), index=0
+  %i = s32[] get-tuple-element(%t), index=1
+  %fs = ((f32[4,256]{1,0}, s32[]), f32[1,256]{1,0}, u32[]) fusion-start(%w, %i), kind=kLoop, calls=%fused_slice
+  %fd = f32[1,256]{1,0} fusion-done(%fs)
+  ROOT %r = (f32[4,256]{1,0}, s32[]) tuple(%w, %i)
+}
+
+%cond (t: (f32[4,256], s32[])) -> pred[] {
+  %t = (f32[4,256]{1,0}, s32[]) parameter(0)
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main (a: f32[4,256]) -> f32[4,256] {
+  %a = f32[4,256]{1,0} parameter(0)
+  %zero = s32[] constant(0)
+  %t0 = (f32[4,256]{1,0}, s32[]) tuple(%a, %zero)
+  %loop = (f32[4,256]{1,0}, s32[]) while(%t0), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"4"}}
+  ROOT %out = f32[4,256]{1,0} get-tuple-element(%loop), index=0
+}
+"""
+
+
+def test_an_asynchronous_fusion_in_a_loop_counts_the_slice_it_reads():
+  """Each trip reads one 1 KiB row, its index, and writes the row: not the whole stacked
+  array twice (the start's operand and the done's tuple), which made a scanned stage look
+  ten times as heavy on the GPU."""
+  groups = hlo_cost.cost_by_group(_ASYNC_SLICE_LOOP)
+  assert sum(g["kernels"] for g in groups.values()) == 1
+  assert sum(g["bytes"] for g in groups.values()) == 4 * (1024 + 4 + 1024)
